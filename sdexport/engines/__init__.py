@@ -1,0 +1,1 @@
+"""Engines: turn ONNX graphs into something that runs (ONNX Runtime, TensorRT); no diffusers."""

@@ -1,0 +1,78 @@
+"""ONNX Runtime engine: one InferenceSession per component, CPU by default, GPU providers on request."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from sdexport.specs import TensorSpec
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Session options sdexport uses by default: full graph optimisation, intra-op threads = cores."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads if threads is not None else (os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+def provider_names(providers: Sequence[Any]) -> list[str]:
+    """Provider names from a providers list whose entries are names or (name, options) pairs."""
+    return [p[0] if isinstance(p, tuple | list) else p for p in providers]
+
+
+def check_providers(requested: Sequence[Any], granted: Sequence[str], graph: Path) -> list[str]:
+    """Compare what a session was asked for with what it got; return the providers it silently dropped."""
+    dropped = [p for p in provider_names(requested) if p not in granted]
+    if dropped:
+        log.warning(
+            "%s: ONNX Runtime did not enable %s (it runs on %s). Install onnxruntime-gpu with matching CUDA / "
+            "TensorRT libraries, or run `sdexport doctor`", graph, ", ".join(dropped), ", ".join(granted)
+        )
+    return dropped
+
+
+class OrtEngine:
+    """A component run by ONNX Runtime, behind the Engine protocol."""
+
+    def __init__(
+        self,
+        name: str,
+        graph: Path,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        providers: Sequence[Any] | None = None,
+        options: ort.SessionOptions | None = None,
+        initializer_overrides: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        self.name = name
+        self.graph = Path(graph)
+        self.inputs = inputs
+        self.outputs = outputs
+        self.requested = list(providers or [CPU])
+        opts = options or session_options()
+        self._overrides = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                           for k, v in (initializer_overrides or {}).items()}
+        for key, value in self._overrides.items():
+            opts.add_initializer(key, value)
+        self.session = ort.InferenceSession(str(self.graph), sess_options=opts, providers=self.requested)
+        self.providers = self.session.get_providers()
+        self.dropped_providers = check_providers(self.requested, self.providers, self.graph)
+        self._output_names = [t.name for t in outputs]
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Run the session; returns numpy arrays keyed by output name."""
+        values = self.session.run(self._output_names, {t.name: feeds[t.name] for t in self.inputs})
+        return dict(zip(self._output_names, values, strict=True))

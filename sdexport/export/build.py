@@ -1,0 +1,249 @@
+"""`sdexport build`: source -> LoRA fusion -> per component export, optimise, validate -> manifest written last.
+
+Each component is keyed by everything its graph depends on; a finished component leaves a record in
+``.build/<component>.json`` so an interrupted build resumes there, and an unchanged one is reused.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sdexport import __version__
+from sdexport.engines import artifacts
+from sdexport.errors import ArtifactError
+from sdexport.export.load import SourceInfo, inspect_source, load_source
+from sdexport.export.lora import LORA_TARGETS, LoraSpec, fuse_loras
+from sdexport.specs import ShapeRanges
+from sdexport.specs.presets import default_ranges_for
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+TOOLS = ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+
+
+@dataclass
+class BuildConfig:
+    """Everything `sdexport build` takes."""
+
+    model: str
+    out: Path
+    loras: list[LoraSpec] = field(default_factory=list)
+    precision: str = "fp32"
+    component_precision: dict[str, str] = field(default_factory=dict)
+    ranges: ShapeRanges | None = None
+    random_weights: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class BuildResult:
+    """What a build did: the folder, its manifest, which components were rebuilt or reused, and timings."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    built: list[str]
+    reused: list[str]
+    seconds: dict[str, float]
+
+    @property
+    def up_to_date(self) -> bool:
+        """True when nothing had to be rebuilt."""
+        return not self.built
+
+
+def _tool_versions() -> dict[str, str]:
+    out = {}
+    for name in TOOLS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _precision_of(config: BuildConfig, info: SourceInfo, name: str) -> str:
+    if name in config.component_precision:
+        return config.component_precision[name]
+    component = info.spec.components[name]
+    if config.precision == "fp16" and not component.fp16_by_default:
+        return "fp32"
+    return config.precision
+
+
+def _check_config(config: BuildConfig, info: SourceInfo) -> None:
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision {config.precision!r} is not one of {PRECISIONS}")
+    for name, precision in config.component_precision.items():
+        if name not in info.spec.components:
+            raise ValueError(f"--component-precision names {name!r}; this model has {list(info.spec.components)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"--component-precision {name}={precision!r}: choose one of {PRECISIONS}")
+
+
+def _component_key(info: SourceInfo, name: str, precision: str, ranges: ShapeRanges, loras: list[dict]) -> str:
+    data = {
+        "sdexport": __version__,
+        "source": info.fingerprint,
+        "component": info.spec.components[name].to_dict(),
+        "precision": precision,
+        "ranges": ranges.to_dict(),
+        "loras": [(r["sha256"], r["weight"]) for r in loras] if name in LORA_TARGETS else [],
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _reusable(folder: Path, record: dict[str, Any] | None, key: str) -> bool:
+    if not record or record.get("key") != key:
+        return False
+    try:
+        artifacts.verify_files(folder, record["files"], hashes=True)
+    except ArtifactError as exc:
+        log.info("rebuilding: %s", exc)
+        return False
+    return True
+
+
+def _read_record(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / artifacts.BUILD_DIR / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _copy_support_files(source: Any, folder: Path) -> dict[str, dict[str, Any]]:
+    """Tokenizer files and scheduler_config.json, written atomically; returns their file records."""
+    files: dict[str, dict[str, Any]] = {}
+    for tok, src_dir in sorted(source.tokenizer_dirs.items()):
+        for fname in TOKENIZER_FILES:
+            src = Path(src_dir) / fname
+            if src.is_file():
+                artifacts.atomic_write_bytes(folder / tok / fname, src.read_bytes())
+                files[f"{tok}/{fname}"] = artifacts.file_record(folder, folder / tok / fname)
+    artifacts.atomic_write_json(folder / "scheduler" / "scheduler_config.json", source.scheduler_config)
+    files["scheduler/scheduler_config.json"] = artifacts.file_record(folder, folder / "scheduler" /
+                                                                     "scheduler_config.json")
+    return files
+
+
+def _free_after(pipe: Any, name: str, remaining: list[str]) -> None:
+    """Drop the torch module once no remaining component needs it, so the next export has the memory."""
+    attr = "vae" if name.startswith("vae") else name
+    if not any(("vae" if r.startswith("vae") else r) == attr for r in remaining):
+        setattr(pipe, attr, None)
+        gc.collect()
+
+
+def build(config: BuildConfig, progress: Callable[[str], None] | None = None) -> BuildResult:
+    """Build (or bring up to date) the compiled folder ``config.out``."""
+    from sdexport.export.component import export_one
+
+    say = progress or (lambda msg: log.info("%s", msg))
+    folder = Path(config.out)
+    info = inspect_source(config.model, config.random_weights)
+    _check_config(config, info)
+    ranges = config.ranges or (info.preset.default_ranges if info.preset else default_ranges_for(
+        info.spec.family, tiny=False))
+    ranges.validate(info.spec.vae_scale_factor)
+    lora_records = []
+    for lora in config.loras:
+        lora.check(config.allow_pickle)
+        lora_records.append(lora.record())
+
+    with artifacts.build_lock(folder):
+        plan = {name: _precision_of(config, info, name) for name in info.spec.components}
+        keys = {name: _component_key(info, name, p, ranges, lora_records) for name, p in plan.items()}
+        records = {name: _read_record(folder, name) for name in plan}
+        todo = [n for n in plan if not _reusable(folder, records[n], keys[n])]
+        manifest_ok = (folder / artifacts.MANIFEST).is_file()
+        if not todo and manifest_ok:
+            try:
+                manifest = artifacts.load_manifest(folder)
+                if manifest.get("build_key") == _build_key(keys, lora_records):
+                    say(f"{folder}: up to date")
+                    return BuildResult(folder, manifest, [], list(plan), {})
+            except ArtifactError as exc:
+                log.info("rewriting the manifest: %s", exc)
+        # From here on the folder is an unfinished build until the new manifest lands.
+        (folder / artifacts.MANIFEST).unlink(missing_ok=True)
+        seconds: dict[str, float] = {}
+        source = None
+        fused: list[dict[str, Any]] = lora_records
+        if todo or not manifest_ok:
+            t0 = time.perf_counter()
+            source = load_source(info, config.allow_pickle)
+            fused = fuse_loras(source.pipe, config.loras, config.allow_pickle) if config.loras else []
+            seconds["load"] = time.perf_counter() - t0
+        for index, name in enumerate(todo):
+            say(f"{name}: exporting ({plan[name]})")
+            t0 = time.perf_counter()
+            records[name] = export_one(source, name, plan[name], ranges, folder)
+            records[name]["key"] = keys[name]
+            artifacts.atomic_write_json(folder / artifacts.BUILD_DIR / f"{name}.json", records[name])
+            seconds[name] = time.perf_counter() - t0
+            records[name]["seconds"] = seconds[name]
+            say(f"{name}: validated in {seconds[name]:.1f} s")
+            _free_after(source.pipe, name, todo[index + 1:])
+        files: dict[str, dict[str, Any]] = {}
+        for name in plan:
+            files.update(records[name]["files"])
+        files.update(_copy_support_files(source, folder) if source else _support_records(folder))
+        manifest = {
+            "sdexport_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_key": _build_key(keys, lora_records),
+            "source": info.description(),
+            "model": info.spec.to_dict(),
+            "shape_ranges": ranges.to_dict(),
+            "loras": fused,
+            "tools": _tool_versions(),
+            "backend": "onnxruntime",
+            "components": {n: {k: v for k, v in records[n].items() if k != "files"} for n in plan},
+            "tokenizers": sorted({p.split("/")[0] for p in files if p.startswith("tokenizer")}),
+            "scheduler_config": "scheduler/scheduler_config.json",
+            "files": dict(sorted(files.items())),
+        }
+        artifacts.verify_files(folder, manifest["files"], hashes=False)
+        artifacts.write_manifest(folder, manifest)
+        _remove_strays(folder, manifest)
+        say(f"{folder}: built {', '.join(todo) or 'manifest'}; reused {', '.join(n for n in plan if n not in todo)}")
+        return BuildResult(folder, manifest, todo, [n for n in plan if n not in todo], seconds)
+
+
+def _build_key(keys: dict[str, str], loras: list[dict[str, Any]]) -> str:
+    data = {"keys": keys, "loras": [(r["sha256"], r["weight"]) for r in loras]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _support_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Records of the tokenizer / scheduler files already in the folder (when no component needed the source)."""
+    files = {}
+    for path in sorted(folder.glob("tokenizer*/*")) + [folder / "scheduler" / "scheduler_config.json"]:
+        if path.is_file():
+            files[str(path.relative_to(folder))] = artifacts.file_record(folder, path)
+    return files
+
+
+def _remove_strays(folder: Path, manifest: dict[str, Any]) -> None:
+    """Delete component folders of components the model no longer has (e.g. after changing --model)."""
+    keep = set(manifest["components"]) | {"scheduler", *manifest["tokenizers"]}
+    for path in folder.iterdir():
+        if path.is_dir() and not path.name.startswith(".") and path.name not in keep and (path / "model.onnx").exists():
+            shutil.rmtree(path)
+            log.info("removed %s (not part of this model)", path)
+    for stale in (folder / artifacts.BUILD_DIR).glob("*.json"):
+        if stale.stem not in manifest["components"]:
+            os.unlink(stale)

@@ -1,0 +1,293 @@
+"""Load the source pipeline: a preset, a hub id, a local diffusers folder, or a tiny / random-weights model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdexport.errors import SourceError, UsageError
+from sdexport.specs import ModelSpec, model_spec, resolve_preset
+from sdexport.specs.model import FAMILIES
+from sdexport.specs.presets import Preset
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES_SAFE = (".safetensors",)
+WEIGHT_SUFFIXES_PICKLE = (".bin", ".ckpt", ".pt", ".pth")
+_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
+# The diffusers pipeline class whose LoRA loader serves a family.
+_PIPELINE_CLASS = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline",
+}
+RANDOM_SEED = 20240611
+
+
+@dataclass
+class Source:
+    """A loaded source: the diffusers pipeline object, its spec, and where its tokenizer / scheduler come from."""
+
+    pipe: Any
+    spec: ModelSpec
+    description: dict[str, Any]
+    tokenizer_dirs: dict[str, Path]
+    scheduler_config: dict[str, Any]
+    tiny: bool = False
+    _tmp: list[tempfile.TemporaryDirectory] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"cannot read {path}: {exc}") from exc
+
+
+def _sha256_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _text_model_class(config: dict[str, Any]) -> type:
+    import transformers
+
+    arch = (config.get("architectures") or ["CLIPTextModel"])[0]
+    if arch not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        raise SourceError(f"text encoder architecture {arch!r} is not supported; CLIP text models only")
+    return getattr(transformers, arch)
+
+
+def _assemble(family: str, parts: dict[str, Any]) -> Any:
+    """A diffusers pipeline object holding the parts (used for LoRA loading and the parity oracle)."""
+    import diffusers
+
+    cls = getattr(diffusers, _PIPELINE_CLASS[family])
+    kwargs = dict(parts)
+    if family == "sd":
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if family == "sdxl-refiner":
+        kwargs.update(text_encoder=None, tokenizer=None)
+    return cls(**kwargs)
+
+
+def _build_random(configs: dict[str, Any], tok_root: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Instantiate every component from configs with seeded random weights, plus real CLIP tokenizers."""
+    import diffusers
+    import transformers
+
+    from sdexport.export.tokenizer_files import write_clip_tokenizer
+
+    parts: dict[str, Any] = {}
+    tokenizer_dirs: dict[str, Path] = {}
+    for index, name in enumerate(("text_encoder", "text_encoder_2")):
+        if name not in configs:
+            continue
+        cfg = {k: v for k, v in configs[name].items() if k != "architectures"}
+        torch.manual_seed(RANDOM_SEED + index)
+        model = _text_model_class(configs[name])(transformers.CLIPTextConfig(**cfg)).eval()
+        parts[name] = model
+        tok_name = name.replace("text_encoder", "tokenizer")
+        # SDXL's second tokenizer pads with "!" like the released checkpoints.
+        pad = "!" if name == "text_encoder_2" else "<|endoftext|>"
+        tokenizer_dirs[tok_name] = write_clip_tokenizer(tok_root / tok_name, pad_token=pad)
+        parts[tok_name] = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dirs[tok_name]))
+    torch.manual_seed(RANDOM_SEED + 10)
+    parts["unet"] = diffusers.UNet2DConditionModel(**configs["unet"]).eval()
+    torch.manual_seed(RANDOM_SEED + 20)
+    parts["vae"] = diffusers.AutoencoderKL(**configs["vae"]).eval()
+    sched_cfg = configs["scheduler"]
+    parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+    return parts, tokenizer_dirs
+
+
+def _check_weights(folder: Path, subfolder: str, allow_pickle: bool) -> None:
+    sub = folder / subfolder
+    files = [p for p in sub.iterdir() if p.is_file()] if sub.is_dir() else []
+    if any(p.name.endswith(WEIGHT_SUFFIXES_SAFE) for p in files):
+        return
+    pickles = [p.name for p in files if p.name.endswith(WEIGHT_SUFFIXES_PICKLE)]
+    if pickles and not allow_pickle:
+        raise SourceError(
+            f"{sub} has only pickle weights ({', '.join(pickles)}), which can run code when loaded. Convert them "
+            "once with `python -c \"from diffusers import DiffusionPipeline as P; "
+            f"P.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\"` "
+            "or pass --allow-pickle if you trust the file"
+        )
+    if not pickles:
+        raise SourceError(f"{sub} has no weights (*.safetensors)")
+
+
+def folder_configs(folder: Path) -> dict[str, Any]:
+    """The configs of a local diffusers folder (model_index, unet, vae, text encoders, scheduler)."""
+    if not folder.is_dir():
+        raise SourceError(f"model folder {folder} does not exist")
+    if not (folder / "model_index.json").is_file():
+        raise SourceError(f"{folder} is not a diffusers folder: it has no model_index.json")
+    configs: dict[str, Any] = {"model_index": _read_json(folder / "model_index.json")}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        cfg_path = folder / name / "config.json"
+        if cfg_path.is_file():
+            configs[name] = _read_json(cfg_path)
+    for name in ("unet", "vae"):
+        if name not in configs:
+            raise SourceError(f"{folder} has no {name}/config.json; a Stable Diffusion folder needs one")
+    configs["scheduler"] = _read_json(folder / "scheduler" / "scheduler_config.json")
+    return configs
+
+
+def _load_folder(folder: Path, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Path]]:
+    """Load the components of a local diffusers folder; returns (parts, configs, tokenizer dirs)."""
+    import diffusers
+    import transformers
+
+    configs = folder_configs(folder)
+    use_safe = not allow_pickle
+    parts: dict[str, Any] = {}
+    tokenizer_dirs: dict[str, Path] = {}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if name not in configs:
+            continue
+        _check_weights(folder, name, allow_pickle)
+    parts["unet"] = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=use_safe)
+    parts["vae"] = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=use_safe)
+    for name in ("text_encoder", "text_encoder_2"):
+        if name not in configs:
+            continue
+        cls = _text_model_class(configs[name])
+        parts[name] = cls.from_pretrained(folder, subfolder=name, use_safetensors=use_safe)
+        tok = name.replace("text_encoder", "tokenizer")
+        if not (folder / tok).is_dir():
+            raise SourceError(f"{folder} has {name} but no {tok} folder")
+        tokenizer_dirs[tok] = folder / tok
+        parts[tok] = transformers.CLIPTokenizer.from_pretrained(folder, subfolder=tok)
+    parts["scheduler"] = getattr(diffusers, configs["scheduler"]["_class_name"]).from_config(configs["scheduler"])
+    for model in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if model in parts:
+            parts[model] = parts[model].float().eval()
+    return parts, configs, tokenizer_dirs
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 over every config, tokenizer and weight file of a diffusers folder (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix not in (".json", ".txt", ".safetensors", ".bin", ".ckpt"):
+            continue
+        digest.update(str(path.relative_to(folder)).encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hub_folder(hub_id: str) -> Path:
+    """The local snapshot of a hub repository: the cache first, then the hub, with a clear error if neither."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except Exception as cached_exc:  # noqa: BLE001 - any cache miss falls through to the network
+        log.info("%s is not in the local Hugging Face cache (%s); trying the hub", hub_id, cached_exc)
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - turned into one actionable message
+        raise SourceError(
+            f"model {hub_id!r} is neither in the local Hugging Face cache nor reachable on the hub ({exc}). "
+            "Ways out: pass a local diffusers folder (--model ./folder), log in / set HF_TOKEN, or build the "
+            "architecture with random weights (--model <family preset> --random-weights)"
+        ) from exc
+
+
+def source_identity(model: str, random_weights: bool) -> tuple[str, Preset | None]:
+    """Classify ``--model``: 'tiny', 'random', 'preset', 'folder' or 'hub'; with the preset when there is one."""
+    preset = resolve_preset(model)
+    if preset is not None and preset.tiny:
+        return "tiny", preset
+    if preset is not None:
+        return ("random" if random_weights else "preset"), preset
+    if random_weights:
+        raise UsageError(
+            f"--random-weights needs a family preset, not {model!r}; choose one of "
+            "sd15, sd15-inpaint, sdxl, sdxl-refiner, sdxl-inpaint"
+        )
+    if Path(model).exists() or model.startswith((".", "/", "~")):
+        return "folder", None
+    if model.count("/") != 1:
+        from sdexport.specs import PRESETS
+
+        raise UsageError(
+            f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}), an existing folder, "
+            "or a hub id of the form owner/name"
+        )
+    return "hub", None
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What is known about a source before loading any weights: kind, configs, spec and fingerprint."""
+
+    model: str
+    kind: str
+    preset: Preset | None
+    folder: Path | None
+    configs: dict[str, Any]
+    spec: ModelSpec
+    fingerprint: str
+
+    def description(self) -> dict[str, Any]:
+        """The manifest's ``source`` entry."""
+        out: dict[str, Any] = {"kind": self.kind, "id": self.model, "hash": self.fingerprint}
+        if self.preset is not None and self.preset.hub_id and self.kind != "random":
+            out["hub_id"] = self.preset.hub_id
+        if self.folder is not None:
+            out["path"] = str(self.folder)
+        return out
+
+
+def inspect_source(model: str, random_weights: bool = False) -> SourceInfo:
+    """Resolve ``--model`` and read its configs and fingerprint, without loading weights."""
+    kind, preset = source_identity(model, random_weights)
+    folder = None
+    if kind in ("tiny", "random"):
+        configs = preset.configs()
+        fingerprint = _sha256_json({"configs": configs, "seed": RANDOM_SEED, "kind": kind})
+    else:
+        folder = Path(model).expanduser().resolve() if kind == "folder" else _hub_folder(
+            preset.hub_id if preset else model)
+        configs = folder_configs(folder)
+        fingerprint = folder_fingerprint(folder)
+    text_configs = {n: configs[n] for n in ("text_encoder", "text_encoder_2") if n in configs}
+    pipeline_config = {
+        k: v for k, v in configs["model_index"].items()
+        if k in ("_class_name", "force_zeros_for_empty_prompt", "requires_aesthetics_score")
+    }
+    try:
+        spec = model_spec(configs["unet"], configs["vae"], text_configs, pipeline_config)
+    except (ValueError, KeyError) as exc:
+        raise SourceError(f"{model}: unsupported model configuration: {exc}") from exc
+    return SourceInfo(model, kind, preset, folder, configs, spec, fingerprint)
+
+
+def load_source(info: SourceInfo, allow_pickle: bool = False) -> Source:
+    """Load the weights of an inspected source into a Source."""
+    tmp: list[tempfile.TemporaryDirectory] = []
+    if info.kind in ("tiny", "random"):
+        tdir = tempfile.TemporaryDirectory(prefix="sdexport-tok-")
+        tmp.append(tdir)
+        parts, tokenizer_dirs = _build_random(info.configs, Path(tdir.name))
+    else:
+        parts, _, tokenizer_dirs = _load_folder(info.folder, allow_pickle)
+    needed = FAMILIES[info.spec.family]["text_encoders"]
+    parts = {k: v for k, v in parts.items() if k not in ("text_encoder", "tokenizer") or "text_encoder" in needed}
+    pipe = _assemble(info.spec.family, parts)
+    log.info("loaded %s (%s): family %s%s", info.model, info.kind, info.spec.family,
+             " inpaint" if info.spec.inpaint else "")
+    return Source(pipe, info.spec, info.description(), tokenizer_dirs, dict(info.configs["scheduler"]),
+                  info.kind == "tiny", tmp)
