@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,15 +129,31 @@ def _copy_support_files(source: Any, folder: Path) -> dict[str, dict[str, Any]]:
     """Tokenizer files and scheduler_config.json, written atomically; returns their file records."""
     files: dict[str, dict[str, Any]] = {}
     for tok, src_dir in sorted(source.tokenizer_dirs.items()):
-        for fname in TOKENIZER_FILES:
-            src = Path(src_dir) / fname
-            if src.is_file():
-                artifacts.atomic_write_bytes(folder / tok / fname, src.read_bytes())
-                files[f"{tok}/{fname}"] = artifacts.file_record(folder, folder / tok / fname)
+        with tempfile.TemporaryDirectory() as tmp:
+            # tokenizer.json (the serialised fast tokenizer) is what the runtime loads; vocab/merges ride along.
+            getattr(source.pipe, tok).save_pretrained(tmp)
+            for fname in TOKENIZER_FILES:
+                src = Path(tmp) / fname if (Path(tmp) / fname).is_file() else Path(src_dir) / fname
+                if src.is_file():
+                    artifacts.atomic_write_bytes(folder / tok / fname, src.read_bytes())
+                    files[f"{tok}/{fname}"] = artifacts.file_record(folder, folder / tok / fname)
+        if f"{tok}/tokenizer.json" not in files:
+            raise ArtifactError(f"could not serialise {tok} to tokenizer.json")
+        if f"{tok}/vocab.json" not in files:
+            files.update(_vocab_from_tokenizer_json(folder, tok))
     artifacts.atomic_write_json(folder / "scheduler" / "scheduler_config.json", source.scheduler_config)
     files["scheduler/scheduler_config.json"] = artifacts.file_record(folder, folder / "scheduler" /
                                                                      "scheduler_config.json")
     return files
+
+
+def _vocab_from_tokenizer_json(folder: Path, tok: str) -> dict[str, dict[str, Any]]:
+    """vocab.json and merges.txt recovered from tokenizer.json (folders saved by transformers 5 lack them)."""
+    model = json.loads((folder / tok / "tokenizer.json").read_text())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    artifacts.atomic_write_bytes(folder / tok / "vocab.json", json.dumps(model["vocab"], ensure_ascii=False).encode())
+    artifacts.atomic_write_bytes(folder / tok / "merges.txt", ("#version: 0.2\n" + "\n".join(merges) + "\n").encode())
+    return {f"{tok}/{n}": artifacts.file_record(folder, folder / tok / n) for n in ("vocab.json", "merges.txt")}
 
 
 def _free_after(pipe: Any, name: str, remaining: list[str]) -> None:
@@ -168,8 +185,7 @@ def build(config: BuildConfig, progress: Callable[[str], None] | None = None) ->
         keys = {name: _component_key(info, name, p, ranges, lora_records) for name, p in plan.items()}
         records = {name: _read_record(folder, name) for name in plan}
         todo = [n for n in plan if not _reusable(folder, records[n], keys[n])]
-        manifest_ok = (folder / artifacts.MANIFEST).is_file()
-        if not todo and manifest_ok:
+        if not todo and (folder / artifacts.MANIFEST).is_file():
             try:
                 manifest = artifacts.load_manifest(folder)
                 if manifest.get("build_key") == _build_key(keys, lora_records):
@@ -177,16 +193,22 @@ def build(config: BuildConfig, progress: Callable[[str], None] | None = None) ->
                     return BuildResult(folder, manifest, [], list(plan), {})
             except ArtifactError as exc:
                 log.info("rewriting the manifest: %s", exc)
-        # From here on the folder is an unfinished build until the new manifest lands.
-        (folder / artifacts.MANIFEST).unlink(missing_ok=True)
         seconds: dict[str, float] = {}
         source = None
         fused: list[dict[str, Any]] = lora_records
-        if todo or not manifest_ok:
+        loras_path = folder / artifacts.BUILD_DIR / "loras.json"
+        if todo:
             t0 = time.perf_counter()
             source = load_source(info, config.allow_pickle)
             fused = fuse_loras(source.pipe, config.loras, config.allow_pickle) if config.loras else []
             seconds["load"] = time.perf_counter() - t0
+        elif loras_path.is_file():
+            fused = json.loads(loras_path.read_text())
+        # Everything that can be refused has been checked; from here on the folder is an unfinished build until
+        # the new manifest lands.
+        (folder / artifacts.MANIFEST).unlink(missing_ok=True)
+        if source is not None:
+            artifacts.atomic_write_json(loras_path, fused)
         for index, name in enumerate(todo):
             say(f"{name}: exporting ({plan[name]})")
             t0 = time.perf_counter()

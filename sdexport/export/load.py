@@ -148,7 +148,7 @@ def _load_folder(folder: Path, allow_pickle: bool) -> tuple[dict[str, Any], dict
     import transformers
 
     configs = folder_configs(folder)
-    use_safe = not allow_pickle
+    use_safe = None if allow_pickle else True  # None: safetensors when present, else the trusted pickle
     parts: dict[str, Any] = {}
     tokenizer_dirs: dict[str, Path] = {}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
