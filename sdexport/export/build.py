@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -162,6 +163,7 @@ def _free_after(pipe: Any, name: str, remaining: list[str]) -> None:
     if not any(("vae" if r.startswith("vae") else r) == attr for r in remaining):
         setattr(pipe, attr, None)
         gc.collect()
+        log.debug("released %s", attr)
 
 
 def build(config: BuildConfig, progress: Callable[[str], None] | None = None) -> BuildResult:
@@ -212,13 +214,14 @@ def build(config: BuildConfig, progress: Callable[[str], None] | None = None) ->
         for index, name in enumerate(todo):
             say(f"{name}: exporting ({plan[name]})")
             t0 = time.perf_counter()
-            records[name] = export_one(source, name, plan[name], ranges, folder)
-            records[name]["key"] = keys[name]
-            artifacts.atomic_write_json(folder / artifacts.BUILD_DIR / f"{name}.json", records[name])
+            remaining = todo[index + 1:]
+            records[name] = export_one(source, name, plan[name], ranges, folder,
+                                       release=lambda n=name, r=remaining: _free_after(source.pipe, n, r))
             seconds[name] = time.perf_counter() - t0
-            records[name]["seconds"] = seconds[name]
-            say(f"{name}: validated in {seconds[name]:.1f} s")
-            _free_after(source.pipe, name, todo[index + 1:])
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            records[name].update(key=keys[name], build_seconds=round(seconds[name], 2), peak_rss_mib=round(peak))
+            artifacts.atomic_write_json(folder / artifacts.BUILD_DIR / f"{name}.json", records[name])
+            say(f"{name}: validated in {seconds[name]:.1f} s (peak RSS so far {peak:.0f} MiB)")
         files: dict[str, dict[str, Any]] = {}
         for name in plan:
             files.update(records[name]["files"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import onnx
 
 from sdexport.engines import artifacts
 from sdexport.export import optimize
@@ -24,8 +28,13 @@ log = logging.getLogger(__name__)
 GRAPH = "model.onnx"
 
 
-def export_one(source: Source, name: str, precision: str, ranges: ShapeRanges, folder: Path) -> dict[str, Any]:
-    """Export component ``name`` of ``source`` into ``folder/name/``; returns its manifest record with files."""
+def export_one(source: Source, name: str, precision: str, ranges: ShapeRanges, folder: Path,
+               release: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Export component ``name`` of ``source`` into ``folder/name/``; returns its manifest record with files.
+
+    ``release`` is called once the torch module is no longer needed (after the export, before the graph is
+    re-read), so the caller can free it when no later component uses it.
+    """
     spec = source.spec
     component = spec.components[name]
     wrapper = wrap(source.pipe, spec, component)
@@ -40,15 +49,18 @@ def export_one(source: Source, name: str, precision: str, ranges: ShapeRanges, f
     for tmp in (staging, raw):
         shutil.rmtree(tmp, ignore_errors=True)
     export_component(wrapper, component, trace_env(spec, component, ranges), raw / GRAPH)
-    graph = optimize.drop_initializer_inputs(optimize.load_graph(raw / GRAPH))
+    graph = optimize.drop_initializer_inputs(optimize.load_graph(raw / GRAPH, with_data=False))
     module_attr = next(iter(dict(wrapper.named_children())))
     wmap = weight_map(wrapper, module_attr, graph) if name in LORA_TARGETS else None
     del wrapper
-    shutil.rmtree(raw, ignore_errors=True)
+    release()
+    gc.collect()
     if precision == "fp16":
+        onnx.load_external_data_for_model(graph, str(raw))
         graph = optimize.convert_fp16(graph)
-    written = optimize.save_graph(graph, staging / GRAPH)
+    written = optimize.save_graph(graph, staging / GRAPH, source_dir=raw)
     del graph
+    shutil.rmtree(raw, ignore_errors=True)
     validation = validate_graph(component, staging / GRAPH, cases, precision)
 
     target = folder / name

@@ -45,24 +45,56 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return wrapped.model
 
 
-def save_graph(model: onnx.ModelProto, path: Path) -> list[Path]:
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _stream_external_data(model: onnx.ModelProto, source_dir: Path, data_path: Path) -> None:
+    """Copy every external tensor from its (loose) file under ``source_dir`` into ONE data file, one at a time.
+
+    Peak memory is one tensor, not the whole model: this is how a 10 GB UNet is consolidated on a 24 GB machine.
+    """
+    with data_path.open("wb") as out:
+        for tensor in _external_tensors(model):
+            info = {e.key: e.value for e in tensor.external_data}
+            src = source_dir / info["location"]
+            with src.open("rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                data = f.read(int(info["length"])) if "length" in info else f.read()
+            pad = -out.tell() % 4096  # page-aligned tensors can be memory-mapped
+            out.write(b"\0" * pad)
+            offset = out.tell()
+            out.write(data)
+            del tensor.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(data)))):
+                tensor.external_data.add(key=key, value=value)
+
+
+def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = None) -> list[Path]:
     """Save one graph; weights go to ONE external-data file next to it when the graph would pass 2 GB.
 
-    Returns every file written (the graph, and its data file if any).
+    A model loaded without its external data (``source_dir`` says where the loose files are) is consolidated by
+    streaming. Returns every file written (the graph, and its data file if any).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    data_name = path.name + ".data"
-    (path.parent / data_name).unlink(missing_ok=True)
+    data_path = path.parent / (path.name + ".data")
+    data_path.unlink(missing_ok=True)
+    if _external_tensors(model):
+        if source_dir is None:
+            raise ValueError("a graph with external tensors needs source_dir to find them")
+        _stream_external_data(model, source_dir, data_path)
+        onnx.save_model(model, str(path))
+        return [path, data_path]
     if initializer_bytes(model) < PROTOBUF_LIMIT - (64 << 20):
         onnx.save_model(model, str(path))
         return [path]
     onnx.save_model(
         model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=data_name, size_threshold=1024,
+        location=data_path.name, size_threshold=1024,
     )
-    return [path, path.parent / data_name]
+    return [path, data_path]
 
 
-def load_graph(path: Path) -> onnx.ModelProto:
-    """Load a graph with its external data (loose files included)."""
-    return onnx.load(str(path), load_external_data=True)
+def load_graph(path: Path, with_data: bool = True) -> onnx.ModelProto:
+    """Load a graph, with its external data (loose files included) unless ``with_data`` is False."""
+    return onnx.load(str(path), load_external_data=with_data)
