@@ -11,7 +11,7 @@ import numpy as np
 from .config import SchedulerConfigError, check_choice
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-"""The beta schedules every diffusers scheduler handled here accepts; a few accept more (see ``make_betas``)."""
+"""The beta schedules all the diffusers schedulers handled here accept; a few accept more."""
 
 
 def _alpha_bar_fn(kind: str) -> Callable[[float], float]:
@@ -28,7 +28,9 @@ def _alpha_bar_fn(kind: str) -> Callable[[float], float]:
     return laplace
 
 
-def betas_for_alpha_bar(num_train_timesteps: int, kind: str = "cosine", max_beta: float = 0.999) -> np.ndarray:
+def betas_for_alpha_bar(
+    num_train_timesteps: int, kind: str = "cosine", max_beta: float = 0.999
+) -> np.ndarray:
     """Discretise a continuous ``alpha_bar(t)`` into betas (diffusers' ``betas_for_alpha_bar``)."""
     fn = _alpha_bar_fn(kind)
     n = num_train_timesteps
@@ -36,12 +38,28 @@ def betas_for_alpha_bar(num_train_timesteps: int, kind: str = "cosine", max_beta
     return np.asarray(betas, dtype=np.float32)
 
 
-def _linspace32(start: float, end: float, n: int) -> np.ndarray:
-    # torch.linspace(float32) differs from the correctly rounded values by at most one float32 ulp.
-    return np.linspace(start, end, n).astype(np.float32)
+def linspace32(start: float, end: float, n: int) -> np.ndarray:
+    """``torch.linspace(start, end, n, dtype=torch.float32)`` bit for bit.
+
+    torch's CPU kernel computes ``start + step * i`` for the first half and ``end - step * (n - 1 - i)`` for
+    the second, in float32 with fused multiply-adds; a float64 product of two float32 values is exact, so one
+    float64 add then one rounding reproduces the fused result (numpy's float64 ``linspace`` differs by up to
+    one ulp).
+    """
+    s, e = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.array([s], dtype=np.float32)
+    step = np.float64((e - s) / np.float32(n - 1))
+    i = np.arange(n)
+    half = n // 2
+    head = step * i[:half].astype(np.float32) + np.float64(s)
+    tail = -step * (n - 1 - i[half:]).astype(np.float32) + np.float64(e)
+    return np.concatenate([head, tail]).astype(np.float32)
 
 
-def make_betas(class_name: str, config: Mapping[str, Any], extra_schedules: tuple[str, ...] = ()) -> np.ndarray:
+def make_betas(
+    class_name: str, config: Mapping[str, Any], extra_schedules: tuple[str, ...] = ()
+) -> np.ndarray:
     """Betas from ``trained_betas`` or ``beta_schedule`` / ``beta_start`` / ``beta_end`` (float32)."""
     n = int(config["num_train_timesteps"])
     if config.get("trained_betas") is not None:
@@ -55,13 +73,13 @@ def make_betas(class_name: str, config: Mapping[str, Any], extra_schedules: tupl
     check_choice(class_name, "beta_schedule", schedule, BETA_SCHEDULES + extra_schedules)
     start, end = float(config["beta_start"]), float(config["beta_end"])
     if schedule == "linear":
-        return _linspace32(start, end, n)
+        return linspace32(start, end, n)
     if schedule == "scaled_linear":
-        return _linspace32(start**0.5, end**0.5, n) ** 2
+        return linspace32(start**0.5, end**0.5, n) ** 2
     if schedule == "squaredcos_cap_v2":
         return betas_for_alpha_bar(n, "cosine")
     if schedule == "sigmoid":
-        x = _linspace32(-6.0, 6.0, n)
+        x = linspace32(-6.0, 6.0, n)
         sig = (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
         return sig * np.float32(end - start) + np.float32(start)
     return betas_for_alpha_bar(n, schedule)  # "exp" or "laplace"
@@ -90,10 +108,10 @@ def alphas_cumprod(
     extra_schedules: tuple[str, ...] = (),
     zero_snr_floor: bool = False,
 ) -> np.ndarray:
-    """Cumulative alphas (float32, read-only) honouring ``rescale_betas_zero_snr`` when the class has that key.
+    """Cumulative alphas (float32, read-only), honouring ``rescale_betas_zero_snr`` where the class has it.
 
-    ``zero_snr_floor``: after rescaling, set the last value to ``2**-24`` so sigmas stay finite (the sigma-based
-    diffusers schedulers do this; the DDPM-style ones keep the exact zero).
+    ``zero_snr_floor``: after rescaling, set the last value to ``2**-24`` so sigmas stay finite (the
+    sigma-based diffusers schedulers do this; the DDPM-style ones keep the exact zero).
     """
     betas = make_betas(class_name, config, extra_schedules)
     rescale = bool(config.get("rescale_betas_zero_snr", False))

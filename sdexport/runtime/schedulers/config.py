@@ -1,4 +1,4 @@
-"""Reading a diffusers ``scheduler_config.json`` dict the way diffusers' ``from_config`` does, with strict checks."""
+"""Reading a ``scheduler_config.json`` dict as diffusers' ``from_config`` does, with strict checks."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ def resolve_config(
 ) -> tuple[MappingProxyType, MappingProxyType]:
     """Merge ``config`` and ``overrides`` over ``defaults`` like ``diffusers.ConfigMixin.from_config``.
 
-    Returns ``(init, hidden)``: ``init`` has exactly the keys of ``defaults`` (the diffusers class's ``__init__``
-    arguments); ``hidden`` has the other, non-underscore keys of ``config``. diffusers ignores hidden keys except
-    ``sigma_min`` / ``sigma_max``, which some schedulers read from ``self.config`` when present. Keys listed in the
-    config's ``_use_default_values`` fall back to this class's defaults, as in diffusers. An override naming a key
-    the class does not have is an error (diffusers would drop it silently).
+    Returns ``(init, hidden)``: ``init`` has exactly the keys of ``defaults`` (the diffusers class's
+    ``__init__`` arguments); ``hidden`` has the other, non-underscore keys of ``config``. diffusers ignores
+    hidden keys except ``sigma_min`` / ``sigma_max``, which some schedulers read from ``self.config`` when
+    present. Keys listed in the config's ``_use_default_values`` fall back to this class's defaults, as in
+    diffusers. An override naming a key the class does not have is an error (diffusers would drop it).
     """
     config = dict(config or {})
     use_default = set(config.pop("_use_default_values", None) or ())
@@ -75,7 +75,7 @@ def check_fraction(name: str, value: Any, *, closed_right: bool = False) -> floa
     """Validate ``strength`` (``0 < v <= 1``) or ``denoising_start`` / ``denoising_end`` (``0 < v < 1``)."""
     interval = "0 < {} <= 1" if closed_right else "0 < {} < 1"
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and 0 < value and (value <= 1 if closed_right else value < 1)
+    ok = ok and value > 0 and (value <= 1 if closed_right else value < 1)
     if not ok:
         raise SchedulerConfigError(f"{name}={value!r} is out of range; allowed: {interval.format(name)}")
     return float(value)

@@ -25,8 +25,8 @@ def clip(x: Array, low: float, high: float) -> Array:
 def dynamic_threshold(x: Array, ratio: float, max_value: float) -> Array:
     """Imagen dynamic thresholding of a predicted x0, per batch item (diffusers' ``_threshold_sample``).
 
-    ``s`` is the ``ratio`` quantile of ``|x|`` over all non-batch dims, clamped to ``[1, max_value]``; the result is
-    ``clip(x, -s, s) / s``. Computed in float32 at least, returned in the input dtype.
+    ``s`` is the ``ratio`` quantile of ``|x|`` over all non-batch dims, clamped to ``[1, max_value]``; the
+    result is ``clip(x, -s, s) / s``. Computed in float32 at least, returned in the input dtype.
     """
     batch = x.shape[0]
     if is_torch(x):

@@ -1,4 +1,4 @@
-"""Inference timestep spacings (linspace / leading / trailing), reproducing each diffusers family's arithmetic."""
+"""Inference timestep spacings (linspace / leading / trailing) with each diffusers family's arithmetic."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def spaced_timesteps(
     """Descending inference timesteps.
 
     ``kind`` selects the diffusers family: ``"int"`` (DDPM, DDIM, PNDM: int64), ``"float"`` (Euler, Euler
-    ancestral, Heun, LMS: float32, linspace not rounded) or ``"skip_last"`` (DPM-Solver, UniPC: N+1 points with
-    the last dropped, int64; ``last_timestep`` is DPM-Solver's ``lambda_min_clipped`` cut, default the full range).
+    ancestral, Heun, LMS: float32, linspace not rounded) or ``"skip_last"`` (DPM-Solver, UniPC: N+1 points
+    with the last dropped, int64; ``last_timestep`` is DPM-Solver's ``lambda_min_clipped`` cut, default the
+    full range).
     """
     check_choice(class_name, "timestep_spacing", spacing, SPACINGS)
     t_max, n = num_train_timesteps, num_inference_steps
