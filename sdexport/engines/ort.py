@@ -63,11 +63,15 @@ class OrtEngine:
         self.outputs = outputs
         self.requested = list(providers or [CPU])
         opts = options or session_options()
-        self._overrides = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
-                           for k, v in (initializer_overrides or {}).items()}
-        for key, value in self._overrides.items():
-            opts.add_initializer(key, value)
-        self.session = ort.InferenceSession(str(self.graph), sess_options=opts, providers=self.requested)
+        self.options = opts
+        if initializer_overrides:
+            # SessionOptions.add_initializer is ignored wherever graph optimisation touches the weight, so the
+            # overridden weights are written into the model bytes instead.
+            from sdexport.engines.lora import ort_session
+
+            self.session = ort_session(self.graph, initializer_overrides, opts, self.requested)
+        else:
+            self.session = ort.InferenceSession(str(self.graph), sess_options=opts, providers=self.requested)
         self.providers = self.session.get_providers()
         self.dropped_providers = check_providers(self.requested, self.providers, self.graph)
         self._output_names = [t.name for t in outputs]

@@ -32,6 +32,7 @@ from sdexport.specs.presets import default_ranges_for
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
+BACKENDS = ("onnxruntime", "tensorrt")
 TOOLS = ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 
@@ -48,6 +49,8 @@ class BuildConfig:
     ranges: ShapeRanges | None = None
     random_weights: bool = False
     allow_pickle: bool = False
+    backend: str = "onnxruntime"
+    trt: Any = None  # sdexport.engines.trt_build.TrtOptions when backend == "tensorrt"
 
 
 @dataclass
@@ -86,6 +89,8 @@ def _precision_of(config: BuildConfig, info: SourceInfo, name: str) -> str:
 
 
 def _check_config(config: BuildConfig, info: SourceInfo) -> None:
+    if config.backend not in BACKENDS:
+        raise ValueError(f"backend {config.backend!r} is not one of {BACKENDS}")
     if config.precision not in PRECISIONS:
         raise ValueError(f"precision {config.precision!r} is not one of {PRECISIONS}")
     for name, precision in config.component_precision.items():
@@ -182,6 +187,13 @@ def build(config: BuildConfig, progress: Callable[[str], None] | None = None) ->
         lora.check(config.allow_pickle)
         lora_records.append(lora.record())
 
+    trt_options = None
+    if config.backend == "tensorrt":
+        from sdexport.engines.trt_build import TrtOptions, preflight
+
+        trt_options = config.trt or TrtOptions()
+        preflight(trt_options)  # no GPU or TensorRT here: say so now, not after the export
+
     with artifacts.build_lock(folder):
         plan = {name: _precision_of(config, info, name) for name in info.spec.components}
         keys = {name: _component_key(info, name, p, ranges, lora_records) for name, p in plan.items()}
@@ -190,7 +202,7 @@ def build(config: BuildConfig, progress: Callable[[str], None] | None = None) ->
         if not todo and (folder / artifacts.MANIFEST).is_file():
             try:
                 manifest = artifacts.load_manifest(folder)
-                if manifest.get("build_key") == _build_key(keys, lora_records):
+                if manifest.get("build_key") == _build_key(keys, lora_records) and config.backend == "onnxruntime":
                     say(f"{folder}: up to date")
                     return BuildResult(folder, manifest, [], list(plan), {})
             except ArtifactError as exc:
@@ -241,6 +253,13 @@ def build(config: BuildConfig, progress: Callable[[str], None] | None = None) ->
             "scheduler_config": "scheduler/scheduler_config.json",
             "files": dict(sorted(files.items())),
         }
+        if trt_options is not None:
+            from sdexport.engines.trt_build import build_engines
+
+            engines = build_engines(folder, manifest, trt_options, progress=say)
+            manifest["engines"] = engines["engines"]
+            manifest["files"] = dict(sorted({**manifest["files"], **engines["files"]}.items()))
+            manifest["backend"] = "tensorrt"
         artifacts.verify_files(folder, manifest["files"], hashes=False)
         artifacts.write_manifest(folder, manifest)
         _remove_strays(folder, manifest)

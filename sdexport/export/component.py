@@ -26,6 +26,7 @@ from sdexport.specs import ShapeRanges
 log = logging.getLogger(__name__)
 
 GRAPH = "model.onnx"
+TYPED = "typed.onnx"
 
 
 def export_one(source: Source, name: str, precision: str, ranges: ShapeRanges, folder: Path,
@@ -49,7 +50,10 @@ def export_one(source: Source, name: str, precision: str, ranges: ShapeRanges, f
     for tmp in (staging, raw):
         shutil.rmtree(tmp, ignore_errors=True)
     export_component(wrapper, component, trace_env(spec, component, ranges), raw / GRAPH)
-    graph = optimize.drop_initializer_inputs(optimize.load_graph(raw / GRAPH, with_data=False))
+    if precision == "fp16":
+        optimize.infer_types(raw / GRAPH, raw / TYPED)
+    graph = optimize.drop_initializer_inputs(
+        optimize.load_graph(raw / (TYPED if precision == "fp16" else GRAPH), with_data=False))
     module_attr = next(iter(dict(wrapper.named_children())))
     wmap = weight_map(wrapper, module_attr, graph) if name in LORA_TARGETS else None
     del wrapper

@@ -34,14 +34,26 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def infer_types(path: Path, typed_path: Path) -> None:
+    """Shape/type inference from file to file, which works for graphs over 2 GB (in-memory inference does not)."""
+    onnx.shape_inference.infer_shapes_path(str(path), str(typed_path))
+
+
 def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """fp16 weights and activations with fp32 inputs/outputs; normalisation and softmax kept in fp32."""
+    """fp16 weights and activations with fp32 inputs/outputs; normalisation and softmax kept in fp32.
+
+    ``model`` must already carry value types (see ``infer_types``): the converter's own inference serialises the
+    whole model and fails past 2 GB.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    wrapped = OnnxModel(model)
-    wrapped.convert_float_to_float16(
-        use_symbolic_shape_infer=False, keep_io_types=True, op_block_list=FP16_KEEP_FP32_OPS
+    converted = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=FP16_KEEP_FP32_OPS, disable_shape_infer=True
     )
+    wrapped = OnnxModel(converted)
+    wrapped.remove_cascaded_cast_nodes()
+    wrapped.remove_useless_cast_nodes()
     return wrapped.model
 
 
