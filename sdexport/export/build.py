@@ -173,7 +173,7 @@ def _free_after(pipe: Any, name: str, remaining: list[str]) -> None:
 
 def build(config: BuildConfig, progress: Callable[[str], None] | None = None) -> BuildResult:
     """Build (or bring up to date) the compiled folder ``config.out``."""
-    from sdexport.export.component import export_one
+    from sdexport.export.component import export_raw, finish
 
     say = progress or (lambda msg: log.info("%s", msg))
     folder = Path(config.out)
@@ -223,21 +223,33 @@ def build(config: BuildConfig, progress: Callable[[str], None] | None = None) ->
         (folder / artifacts.MANIFEST).unlink(missing_ok=True)
         if source is not None:
             artifacts.atomic_write_json(loras_path, fused)
+        support = _copy_support_files(source, folder) if source is not None else _support_records(folder)
+        # Phase 1 traces every component while torch holds the weights, freeing each module once traced; phase 2
+        # converts and validates with no torch model in memory (the largest graphs need that room).
+        raws = []
         for index, name in enumerate(todo):
             say(f"{name}: exporting ({plan[name]})")
             t0 = time.perf_counter()
-            remaining = todo[index + 1:]
-            records[name] = export_one(source, name, plan[name], ranges, folder,
-                                       release=lambda n=name, r=remaining: _free_after(source.pipe, n, r))
+            raws.append(export_raw(source, name, plan[name], ranges, folder))
+            _free_after(source.pipe, name, todo[index + 1:])
             seconds[name] = time.perf_counter() - t0
+        source = None
+        gc.collect()
+        while raws:
+            raw = raws.pop(0)
+            name = raw.name
+            t0 = time.perf_counter()
+            records[name] = finish(raw, info.spec, ranges, folder)
+            del raw
+            seconds[name] += time.perf_counter() - t0
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             records[name].update(key=keys[name], build_seconds=round(seconds[name], 2), peak_rss_mib=round(peak))
             artifacts.atomic_write_json(folder / artifacts.BUILD_DIR / f"{name}.json", records[name])
-            say(f"{name}: validated in {seconds[name]:.1f} s (peak RSS so far {peak:.0f} MiB)")
+            say(f"{name}: {plan[name]} graph validated, {seconds[name]:.1f} s (peak RSS so far {peak:.0f} MiB)")
         files: dict[str, dict[str, Any]] = {}
         for name in plan:
             files.update(records[name]["files"])
-        files.update(_copy_support_files(source, folder) if source else _support_records(folder))
+        files.update(support)
         manifest = {
             "sdexport_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

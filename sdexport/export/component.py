@@ -1,4 +1,4 @@
-"""One component end to end: wrap, torch references, export, optimise, save, validate, move into place."""
+"""One component in two phases: trace with torch (phase 1), then optimise, save, validate, move (phase 2)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from sdexport.engines import artifacts
@@ -21,7 +22,7 @@ from sdexport.export.onnx import dummy_inputs, export_component, torch_outputs, 
 from sdexport.export.validate import validate_graph
 from sdexport.export.weight_map import weight_map
 from sdexport.export.wrappers import wrap
-from sdexport.specs import ShapeRanges
+from sdexport.specs import ModelSpec, ShapeRanges
 
 log = logging.getLogger(__name__)
 
@@ -29,43 +30,55 @@ GRAPH = "model.onnx"
 TYPED = "typed.onnx"
 
 
-def export_one(source: Source, name: str, precision: str, ranges: ShapeRanges, folder: Path,
-               release: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Export component ``name`` of ``source`` into ``folder/name/``; returns its manifest record with files.
+@dataclass
+class RawExport:
+    """Phase 1 of a component (torch needed): the raw graph on disk, torch reference outputs, the weight map."""
 
-    ``release`` is called once the torch module is no longer needed (after the export, before the graph is
-    re-read), so the caller can free it when no later component uses it.
-    """
+    name: str
+    precision: str
+    raw: Path
+    cases: list[tuple[dict[str, int], dict[str, np.ndarray], list[np.ndarray]]]
+    weight_map: dict[str, Any] | None
+
+
+def export_raw(source: Source, name: str, precision: str, ranges: ShapeRanges, folder: Path) -> RawExport:
+    """Trace component ``name`` to ``.build/raw/<name>/`` and keep torch's outputs at the validation shapes."""
     spec = source.spec
     component = spec.components[name]
     wrapper = wrap(source.pipe, spec, component)
-    envs = validation_envs(spec, component, ranges)
     cases = []
-    for seed, env in enumerate(envs, start=1):
+    for seed, env in enumerate(validation_envs(spec, component, ranges), start=1):
         feeds = dummy_inputs(component, env, seed)
         cases.append((env, feeds, torch_outputs(wrapper, component, feeds)))
-
-    staging = folder / artifacts.BUILD_DIR / "staging" / name
     raw = folder / artifacts.BUILD_DIR / "raw" / name
-    for tmp in (staging, raw):
-        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(raw, ignore_errors=True)
     export_component(wrapper, component, trace_env(spec, component, ranges), raw / GRAPH)
+    wmap = None
+    if name in LORA_TARGETS:
+        graph = optimize.load_graph(raw / GRAPH, with_data=False)
+        wmap = weight_map(wrapper, next(iter(dict(wrapper.named_children()))), graph)
+    return RawExport(name, precision, raw, cases, wmap)
+
+
+def finish(raw_export: RawExport, spec: ModelSpec, ranges: ShapeRanges, folder: Path) -> dict[str, Any]:
+    """Phase 2 (no torch in memory): optimise, save, validate, move into ``folder/<name>/``; returns the record."""
+    name, precision, raw = raw_export.name, raw_export.precision, raw_export.raw
+    component = spec.components[name]
+    staging = folder / artifacts.BUILD_DIR / "staging" / name
+    shutil.rmtree(staging, ignore_errors=True)
     if precision == "fp16":
         optimize.infer_types(raw / GRAPH, raw / TYPED)
     graph = optimize.drop_initializer_inputs(
         optimize.load_graph(raw / (TYPED if precision == "fp16" else GRAPH), with_data=False))
-    module_attr = next(iter(dict(wrapper.named_children())))
-    wmap = weight_map(wrapper, module_attr, graph) if name in LORA_TARGETS else None
-    del wrapper
-    release()
-    gc.collect()
     if precision == "fp16":
         onnx.load_external_data_for_model(graph, str(raw))
         graph = optimize.convert_fp16(graph)
+        gc.collect()
     written = optimize.save_graph(graph, staging / GRAPH, source_dir=raw)
     del graph
+    gc.collect()
     shutil.rmtree(raw, ignore_errors=True)
-    validation = validate_graph(component, staging / GRAPH, cases, precision)
+    validation = validate_graph(component, staging / GRAPH, raw_export.cases, precision)
 
     target = folder / name
     target.mkdir(parents=True, exist_ok=True)
@@ -79,8 +92,8 @@ def export_one(source: Source, name: str, precision: str, ranges: ShapeRanges, f
         "profile": ranges.profile(component, spec.vae_scale_factor),
         "validation": validation,
     }
-    if wmap is not None:
-        artifacts.atomic_write_bytes(target / "weight_map.json", json.dumps(wmap, indent=1).encode())
+    if raw_export.weight_map is not None:
+        artifacts.atomic_write_bytes(target / "weight_map.json", json.dumps(raw_export.weight_map, indent=1).encode())
         files[f"{name}/weight_map.json"] = artifacts.file_record(folder, target / "weight_map.json")
         record["weight_map"] = f"{name}/weight_map.json"
     record["files"] = files
