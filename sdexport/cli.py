@@ -60,6 +60,125 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the manifest instead of the summary")
 
 
+def _size_pair(text: str) -> tuple[int, int]:
+    """HEIGHTxWIDTH (or TOP,LEFT) as two integers."""
+    parts = text.replace(",", "x").split("x")
+    try:
+        first, second = (int(p) for p in parts)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two integers like 1024x1024 or 0,0") from exc
+    return first, second
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="generate images with a compiled folder (no torch, no diffusers)")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--prompt-2", help="SDXL: the second text encoder's prompt (default: --prompt)")
+    p.add_argument("--negative-prompt-2")
+    p.add_argument("--image", type=Path, help="image-to-image / inpainting input (PNG/JPEG), or latents (.npy)")
+    p.add_argument("--mask", type=Path, help="inpainting mask: white is repainted")
+    p.add_argument("--out", type=Path, default=Path("out.png"),
+                   help="PNG (several images: out-0.png, out-1.png, ...) or .npy to save the latents")
+    p.add_argument("--steps", type=int, default=30, help="num_inference_steps")
+    p.add_argument("--guidance-scale", type=float, help="default: the family's diffusers default")
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--strength", type=float)
+    p.add_argument("--denoising-start", type=float)
+    p.add_argument("--denoising-end", type=float)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
+    p.add_argument("--seed", type=int, help="image i gets seed + i (default: random)")
+    p.add_argument("--clip-skip", type=int)
+    p.add_argument("--scheduler", help="a diffusers scheduler class name or alias (default: the folder's)")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--original-size", type=_size_pair, metavar="HxW")
+    p.add_argument("--target-size", type=_size_pair, metavar="HxW")
+    p.add_argument("--crops-coords-top-left", type=_size_pair, default=(0, 0), metavar="TOP,LEFT")
+    p.add_argument("--aesthetic-score", type=float, default=6.0)
+    p.add_argument("--negative-aesthetic-score", type=float, default=2.5)
+    p.add_argument("--long-prompts", default="truncate", help="truncate (diffusers) or chunk (up to the folder's "
+                   "prompt chunks)")
+    p.add_argument("--rng", default="numpy", help="numpy, or torch: the same noise as diffusers' CPU generator")
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster start)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _progress_bar(enabled: bool) -> object:
+    def show(step: int, total: int, timestep: float, latents: object) -> None:
+        done = step + 1
+        bar = "#" * (30 * done // total)
+        print(f"\r  [{bar:<30}] {done}/{total} (t={timestep:.0f})", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
+    return show if enabled else None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from sdexport.runtime.images import save_png
+    from sdexport.runtime.pipeline import Pipeline
+
+    options = {"threads": args.threads} if args.threads else {}
+    pipe = Pipeline.load(args.folder, backend=args.backend, scheduler=args.scheduler, verify=not args.no_verify,
+                         engine_options=options)
+    image = None
+    if args.image is not None:
+        image = np.load(args.image) if args.image.suffix == ".npy" else Image.open(args.image)
+    latent_out = args.out.suffix == ".npy"
+    result = pipe(
+        args.prompt if len(args.prompt) > 1 else args.prompt[0],
+        args.negative_prompt, prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2, image=image,
+        mask_image=Image.open(args.mask) if args.mask else None, height=args.height, width=args.width,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+        strength=args.strength, denoising_start=args.denoising_start, denoising_end=args.denoising_end,
+        num_images_per_prompt=args.num_images, seed=args.seed, eta=args.eta, clip_skip=args.clip_skip,
+        output_type="latent" if latent_out else "pil", original_size=args.original_size,
+        target_size=args.target_size, crops_coords_top_left=args.crops_coords_top_left,
+        aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+        long_prompts=args.long_prompts, rng=args.rng, callback=_progress_bar(not args.no_progress),
+    )
+    if latent_out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.out, result.images)
+        print(f"latents {list(result.images.shape)} -> {args.out}")
+    else:
+        many = len(result.images) > 1
+        for index, (picture, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+            path = args.out.with_name(f"{args.out.stem}-{index}{args.out.suffix}") if many else args.out
+            save_png(picture, path, {**{k: v for k, v in result.parameters.items() if k != "seeds"}, "seed": seed})
+            print(f"{path} (seed {seed})")
+    t = result.timings
+    print(f"text {t.text_encoder:.2f} s, {len(t.unet)} UNet steps {sum(t.unet):.2f} s, "
+          f"VAE {t.vae_encoder + t.vae_decoder:.2f} s, total {t.total:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _add_parity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("parity", help="re-run the folder's source model in diffusers and print the differences")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--steps", type=int, default=4, help="denoising steps of the end-to-end runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from sdexport.export.parity import run_parity
+
+    report = run_parity(args.folder, steps=args.steps, seed=args.seed,
+                        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(asdict(report), indent=1) if args.json else report.table())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The sdexport argument parser."""
     ap = argparse.ArgumentParser(prog="sdexport", description="Stable Diffusion deployment compiler")
@@ -68,6 +187,8 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_info(sub)
+    _add_run(sub)
+    _add_parity(sub)
     return ap
 
 
@@ -105,7 +226,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build": _cmd_build, "info": _cmd_info}
+COMMANDS = {"build": _cmd_build, "info": _cmd_info, "run": _cmd_run, "parity": _cmd_parity}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

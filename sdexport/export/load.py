@@ -64,7 +64,7 @@ def _text_model_class(config: dict[str, Any]) -> type:
     return getattr(transformers, arch)
 
 
-def _assemble(family: str, parts: dict[str, Any]) -> Any:
+def _assemble(family: str, parts: dict[str, Any], pipeline_config: dict[str, Any]) -> Any:
     """A diffusers pipeline object holding the parts (used for LoRA loading and the parity oracle)."""
     import diffusers
 
@@ -72,6 +72,10 @@ def _assemble(family: str, parts: dict[str, Any]) -> Any:
     kwargs = dict(parts)
     if family == "sd":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        for flag in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+            if flag in pipeline_config and (flag != "requires_aesthetics_score" or family == "sdxl-refiner"):
+                kwargs[flag] = pipeline_config[flag]
     if family == "sdxl-refiner":
         kwargs.update(text_encoder=None, tokenizer=None)
     return cls(**kwargs)
@@ -286,7 +290,7 @@ def load_source(info: SourceInfo, allow_pickle: bool = False) -> Source:
         parts, _, tokenizer_dirs = _load_folder(info.folder, allow_pickle)
     needed = FAMILIES[info.spec.family]["text_encoders"]
     parts = {k: v for k, v in parts.items() if k not in ("text_encoder", "tokenizer") or "text_encoder" in needed}
-    pipe = _assemble(info.spec.family, parts)
+    pipe = _assemble(info.spec.family, parts, info.spec.pipeline_config)
     log.info("loaded %s (%s): family %s%s", info.model, info.kind, info.spec.family,
              " inpaint" if info.spec.inpaint else "")
     return Source(pipe, info.spec, info.description(), tokenizer_dirs, dict(info.configs["scheduler"]),

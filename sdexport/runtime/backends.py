@@ -1,0 +1,130 @@
+"""Opening a compiled folder's engines by backend name, and running them in slices that fit their batch range."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdexport.engines import artifacts
+from sdexport.engines.base import Engine
+from sdexport.errors import ArtifactError
+from sdexport.specs import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ComponentFiles:
+    """What a backend needs to open one component: its spec, graph, engine profile and precision."""
+
+    name: str
+    spec: ComponentSpec
+    graph: Path
+    profile: Mapping[str, Mapping[str, list[int]]]
+    precision: str
+    record: Mapping[str, Any]
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch the engine accepts (axis 0 of its first input's max shape)."""
+        return int(self.profile[self.spec.inputs[0].name]["max"][0])
+
+
+EngineFactory = Callable[[ComponentFiles, Mapping[str, Any]], Engine]
+Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+"""Anything that runs a component on named arrays (an EngineRunner, or a test double)."""
+
+
+def _onnxruntime(component: ComponentFiles, options: Mapping[str, Any]) -> Engine:
+    from sdexport.engines.ort import OrtEngine, session_options
+
+    unknown = sorted(set(options) - {"providers", "threads"})
+    if unknown:
+        raise ValueError(f"backend 'onnxruntime' has no option(s) {unknown}; allowed: ['providers', 'threads']")
+    return OrtEngine(component.name, component.graph, component.spec.inputs, component.spec.outputs,
+                     providers=options.get("providers"), options=session_options(options.get("threads")))
+
+
+BACKENDS: dict[str, EngineFactory] = {"onnxruntime": _onnxruntime}
+"""Backend name -> engine factory (``register_backend`` adds one)."""
+LAZY_BACKENDS: dict[str, tuple[str, str]] = {"tensorrt": ("sdexport.engines.trt_runtime", "tensorrt_backend")}
+"""Backends imported on first use only (module, factory name), so that loading never pulls GPU libraries."""
+
+
+def register_backend(name: str, factory: EngineFactory) -> None:
+    """Make ``Pipeline.load(folder, backend=name)`` open components with ``factory(component, options)``."""
+    BACKENDS[name] = factory
+
+
+def verify_folder(folder: Path, verify: bool = True) -> dict[str, Any]:
+    """Read the manifest and check every file's size (and sha256 when ``verify``), without importing onnx.
+
+    Besides the files the manifest lists, every file next to a component's graph must be one the manifest vouches
+    for, so ONNX Runtime cannot pick up unverified external weights.
+    """
+    manifest = artifacts.read_manifest(folder)
+    files = manifest.get("files", {})
+    artifacts.verify_files(folder, files, hashes=verify)
+    for name, record in manifest.get("components", {}).items():
+        graph = artifacts.check_inside(folder, record["graph"])
+        for path in graph.parent.iterdir():
+            relative = str(path.relative_to(folder.resolve()))
+            if path.is_file() and relative not in files:
+                raise ArtifactError(f"{name}: {path} is not listed in the manifest; remove it or rebuild the folder")
+    return manifest
+
+
+def component_files(folder: Path, manifest: Mapping[str, Any], spec: ComponentSpec) -> ComponentFiles:
+    """The ComponentFiles of ``spec.name`` in a verified folder."""
+    record = manifest["components"].get(spec.name)
+    if record is None:
+        raise ArtifactError(f"{folder}: the manifest has no component {spec.name!r}; rebuild the folder")
+    return ComponentFiles(spec.name, spec, artifacts.check_inside(folder, record["graph"]), record["profile"],
+                          record.get("precision", "fp32"), record)
+
+
+def open_engine(component: ComponentFiles, backend: str, options: Mapping[str, Any]) -> Engine:
+    """Open one component with the named backend."""
+    if backend not in BACKENDS and backend in LAZY_BACKENDS:
+        module, name = LAZY_BACKENDS[backend]
+        register_backend(backend, getattr(importlib.import_module(module), name))
+    factory = BACKENDS.get(backend)
+    if factory is None:
+        raise ValueError(f"backend {backend!r} is not available; choose one of {sorted({*BACKENDS, *LAZY_BACKENDS})}")
+    t0 = time.perf_counter()
+    engine = factory(component, options)
+    log.debug("%s: opened with %s in %.2f s", component.name, backend, time.perf_counter() - t0)
+    return engine
+
+
+class EngineRunner:
+    """Calls one engine, splitting the batch into slices of at most ``max_batch``; accumulates engine time."""
+
+    def __init__(self, engine: Engine, max_batch: int) -> None:
+        self.engine = engine
+        self.max_batch = max(1, int(max_batch))
+        self.seconds = 0.0
+        self.calls = 0
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        out = self.engine.run(feeds)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on ``feeds`` (all batched on axis 0); outputs concatenated back along axis 0."""
+        total = next(iter(feeds.values())).shape[0]
+        if total <= self.max_batch:
+            return self._run(feeds)
+        parts = [self._run({k: np.ascontiguousarray(v[start:start + self.max_batch]) for k, v in feeds.items()})
+                 for start in range(0, total, self.max_batch)]
+        return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}

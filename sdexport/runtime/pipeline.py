@@ -1,0 +1,248 @@
+"""The Pipeline: load a compiled folder, then check inputs, encode, pick timesteps, start, denoise and decode."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdexport.engines.base import Engine
+from sdexport.runtime.backends import ComponentFiles, EngineRunner, component_files, open_engine, verify_folder
+from sdexport.runtime.conditioning import conditioner_for
+from sdexport.runtime.denoise import Cancelled, Guidance, denoise
+from sdexport.runtime.images import postprocess
+from sdexport.runtime.latents import LatentSource, Start, start_img2img, start_inpaint, start_txt2img
+from sdexport.runtime.noise import NoiseStreams
+from sdexport.runtime.request import Request, build_request, latent_space
+from sdexport.runtime.result import (
+    GenerationCancelled,
+    GenerationResult,
+    NonFiniteError,
+    RequestError,
+    StepCallback,
+    Timings,
+)
+from sdexport.runtime.schedulers import Plan, Scheduler, load_scheduler
+from sdexport.runtime.tokenizer import ClipTokenizer
+from sdexport.specs import ModelSpec, ShapeRanges
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """A compiled folder ready to generate. Thread-safe: every call keeps its own scheduler state and noise.
+
+    ``pipe(prompt, ...)`` takes diffusers' argument names (see ``__call__``); ``pipe.engines`` holds one Engine per
+    component, replaceable with ``replace_engine`` (another backend, or re-weighted engines after a LoRA swap).
+    """
+
+    def __init__(self, folder: Path, manifest: Mapping[str, Any], engines: dict[str, Engine],
+                 scheduler: str | None = None, scheduler_config: Mapping[str, Any] | None = None,
+                 backend: str = "onnxruntime") -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.spec = ModelSpec.from_dict(manifest["model"])
+        self.ranges = ShapeRanges.from_dict(manifest["shape_ranges"])
+        self.backend = backend
+        self.components: dict[str, ComponentFiles] = {
+            name: component_files(self.folder, manifest, spec) for name, spec in self.spec.components.items()
+        }
+        missing = sorted(set(self.components) - set(engines))
+        if missing:
+            raise ValueError(f"no engine for component(s) {missing} of {self.folder}")
+        self.engines = dict(engines)
+        self.tokenizers = {name: ClipTokenizer(self.folder / name) for name in manifest.get("tokenizers", [])}
+        self.conditioner = conditioner_for(self.spec, self.tokenizers)
+        config_path = self.folder / manifest.get("scheduler_config", "scheduler/scheduler_config.json")
+        self.scheduler_base_config: dict[str, Any] = json.loads(config_path.read_text())
+        self._schedulers: dict[str, Scheduler] = {}
+        self._lock = threading.Lock()
+        self.scheduler = self._scheduler(scheduler, scheduler_config)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], backend: str = "onnxruntime", scheduler: str | None = None,
+             scheduler_config: Mapping[str, Any] | None = None, verify: bool = True,
+             engine_options: Mapping[str, Any] | None = None) -> Pipeline:
+        """Verify the folder's manifest and file hashes, open one engine per component, read tokenizers and scheduler.
+
+        ``backend``: an engine backend (``sdexport.runtime.backends.BACKENDS``; "onnxruntime" with options
+        ``providers`` / ``threads``). ``scheduler``: a diffusers class name or alias (default: the folder's);
+        ``scheduler_config``: config keys overriding the folder's ``scheduler_config.json``.
+        """
+        root = Path(folder)
+        t0 = time.perf_counter()
+        manifest = verify_folder(root, verify=verify)
+        spec = ModelSpec.from_dict(manifest["model"])
+        engines = {name: open_engine(component_files(root, manifest, c), backend, dict(engine_options or {}))
+                   for name, c in spec.components.items()}
+        pipe = cls(root, manifest, engines, scheduler, scheduler_config, backend)
+        log.info("loaded %s (%s, %s) in %.2f s", root, spec.family, backend, time.perf_counter() - t0)
+        return pipe
+
+    @property
+    def family(self) -> str:
+        """"sd", "sdxl" or "sdxl-refiner"."""
+        return self.spec.family
+
+    @property
+    def unet_channels(self) -> int:
+        """4 (text/image-to-image) or 9 (inpainting UNet)."""
+        return int(self.spec.components["unet"].inputs[0].dims[1])
+
+    def replace_engine(self, name: str, engine: Engine) -> None:
+        """Swap one component's engine (same tensor names and dtypes); requests already running keep the old one."""
+        if name not in self.components:
+            raise ValueError(f"{name!r} is not a component of {self.folder}; it has {sorted(self.components)}")
+        spec = self.spec.components[name]
+        if [(t.name, t.dtype) for t in engine.inputs] != [(t.name, t.dtype) for t in spec.inputs]:
+            raise ValueError(f"the new {name} engine's inputs {[t.name for t in engine.inputs]} differ from the "
+                             f"folder's {[t.name for t in spec.inputs]}")
+        self.engines = {**self.engines, name: engine}
+
+    def get_scheduler(self, name: str | None = None, overrides: Mapping[str, Any] | None = None) -> Scheduler:
+        """The scheduler called ``name`` (default: the pipeline's) configured from the folder's config + overrides.
+
+        Schedulers are immutable, so one instance per (name, overrides) serves every request.
+        """
+        if name is None and not overrides:
+            return self.scheduler
+        return self._scheduler(name, overrides)
+
+    def _scheduler(self, name: str | None, overrides: Mapping[str, Any] | None) -> Scheduler:
+        key = json.dumps([name, dict(overrides or {})], sort_keys=True, default=str)
+        with self._lock:
+            if key not in self._schedulers:
+                self._schedulers[key] = load_scheduler(self.scheduler_base_config, name, dict(overrides or {}))
+            return self._schedulers[key]
+
+    def _runner(self, name: str) -> EngineRunner:
+        return EngineRunner(self.engines[name], self.components[name].max_batch)
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        *,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        strength: float | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | list[int] | None = None,
+        latents: np.ndarray | None = None,
+        eta: float = 0.0,
+        clip_skip: int | None = None,
+        output_type: str = "pil",
+        scheduler: str | None = None,
+        scheduler_config: Mapping[str, Any] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        long_prompts: str = "truncate",
+        rng: str = "numpy",
+        callback: StepCallback | None = None,
+    ) -> GenerationResult:
+        """Generate images; arguments keep diffusers' names and meanings.
+
+        Task: no ``image`` -> text-to-image; ``image`` -> image-to-image (``strength``, or ``denoising_start`` to
+        continue a base's latents passed as ``image``); ``image`` + ``mask_image`` -> inpainting (white repaints).
+        Defaults follow the matching diffusers pipeline (guidance_scale 7.5 for SD, 5.0 for SDXL; strength 0.8 / 0.3
+        for img2img, 1.0 / 0.9999 for inpainting). ``seed``: an int gives image i the seed ``seed + i`` (a batch
+        equals its images made one by one); a list gives one per image. ``rng="torch"`` draws noise like diffusers'
+        CPU ``torch.Generator`` (needs torch), so the same seeds give diffusers' images. ``long_prompts="chunk"``
+        encodes prompts over 75 tokens in chunks (up to the folder's prompt_chunks) instead of truncating.
+        ``output_type``: "pil", "np" (uint8 [N, H, W, 3]), "np_float" ([0, 1] float32) or "latent".
+        ``callback(step_index, num_steps, timestep, latents)`` returning False raises GenerationCancelled (its
+        ``partial`` result holds the latents so far).
+        """
+        args = dict(locals())
+        del args["self"]
+        t_start = time.perf_counter()
+        request = build_request(self.spec, self.ranges, args)
+        sched = self.get_scheduler(scheduler, scheduler_config)
+        plan = sched.plan(request.num_inference_steps, strength=request.strength,
+                          denoising_start=request.denoising_start, denoising_end=request.denoising_end, eta=eta)
+        self._check_prompt_length(request)
+        timings = Timings()
+        streams = NoiseStreams(request.seeds, request.rng)
+        t0 = time.perf_counter()
+        runners = {name: self._runner(name) for name in self.conditioner.encoders}
+        cond = self.conditioner.conditioning(request.prompts, request.cfg, runners, request.sizes, request.height,
+                                             request.width, request.per_prompt)
+        timings.text_encoder = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        start = self._start(request, plan, streams)
+        timings.vae_encoder = time.perf_counter() - t0 if request.task != "txt2img" else 0.0
+        parameters = self._parameters(request, sched)
+        guidance = Guidance(request.guidance_scale, request.guidance_rescale)
+        try:
+            latents = denoise(plan, start, cond, guidance, self._runner("unet"), streams, timings, callback)
+        except Cancelled as stop:
+            timings.total = time.perf_counter() - t_start
+            partial = GenerationResult(stop.latents, request.seeds, timings, "latent", parameters,
+                                       latent_space(self.spec))
+            raise GenerationCancelled(stop.step, len(plan), partial) from None
+        images = latents
+        if request.output_type != "latent":
+            t0 = time.perf_counter()
+            decoded = self._runner("vae_decoder")({"latent": latents / np.float32(self.spec.scaling_factor)})["image"]
+            if not np.isfinite(decoded).all():
+                raise NonFiniteError("vae_decoder")
+            images = postprocess(decoded, request.output_type)
+            timings.vae_decoder = time.perf_counter() - t0
+        timings.total = time.perf_counter() - t_start
+        return GenerationResult(images, request.seeds, timings, request.output_type, parameters,
+                                latent_space(self.spec))
+
+    def _check_prompt_length(self, request: Request) -> None:
+        prompts = request.prompts
+        if prompts.chunks is not None and self.conditioner.chunks_needed(prompts) > prompts.chunks:
+            raise RequestError(
+                f"a prompt needs {self.conditioner.chunks_needed(prompts)} chunks of 75 tokens; this folder was "
+                f"built for at most {prompts.chunks} (prompt_chunks): shorten it or rebuild with a larger "
+                "--prompt-chunks"
+            )
+
+    def _start(self, request: Request, plan: Plan, streams: NoiseStreams) -> Start:
+        source = LatentSource(self.spec, request, streams, self._runner("vae_encoder"))
+        if request.task == "txt2img":
+            return start_txt2img(source, plan)
+        if request.task == "img2img":
+            return start_img2img(source, plan)
+        return start_inpaint(source, plan, self.unet_channels)
+
+    def _parameters(self, request: Request, sched: Scheduler) -> dict[str, Any]:
+        """The generation parameters, JSON-friendly (stored in PNG metadata by the CLI)."""
+        prompts = request.prompts
+        out: dict[str, Any] = {
+            "model": self.manifest.get("source", {}).get("id"), "family": self.family, "task": request.task,
+            "prompt": list(prompts.texts[0]), "negative_prompt": list(prompts.negatives[0]) if prompts.negatives
+            else None, "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
+            "guidance_rescale": request.guidance_rescale, "height": request.height, "width": request.width,
+            "seeds": request.seeds, "rng": request.rng, "scheduler": sched.class_name,
+            "clip_skip": prompts.clip_skip or None, "num_images_per_prompt": request.per_prompt,
+        }
+        for key in ("strength", "denoising_start", "denoising_end"):
+            if getattr(request, key) is not None:
+                out[key] = getattr(request, key)
+        return out

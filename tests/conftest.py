@@ -1,0 +1,147 @@
+"""Shared fixtures: tiny compiled folders built once per session, their diffusers sources and loaded Pipelines.
+
+Set SDEXPORT_TEST_BUILDS=/some/dir to keep the tiny folders between sessions (builds are incremental).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``tiny_folder("tiny-sdxl")`` -> the compiled folder of that preset, built on first use."""
+    from sdexport.export.build import BuildConfig, build
+
+    keep = os.environ.get("SDEXPORT_TEST_BUILDS")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("tiny-folders")
+    built: dict[str, Path] = {}
+
+    def get(preset: str) -> Path:
+        if preset not in built:
+            build(BuildConfig(model=preset, out=root / preset))
+            built[preset] = root / preset
+        return built[preset]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_source() -> Callable[[str], Any]:
+    """``tiny_source("tiny-sdxl")`` -> the loaded diffusers source (``.pipe``, ``.spec``) with the folder's weights."""
+    from sdexport.export.load import inspect_source, load_source
+
+    loaded: dict[str, Any] = {}
+
+    def get(preset: str) -> Any:
+        if preset not in loaded:
+            loaded[preset] = load_source(inspect_source(preset))
+        return loaded[preset]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_folder: Callable[[str], Path]) -> Callable[[str], Any]:
+    """``tiny_pipe("tiny-sdxl")`` -> a loaded runtime Pipeline (shared; the Pipeline is thread-safe)."""
+    from sdexport.runtime.pipeline import Pipeline
+
+    loaded: dict[str, Any] = {}
+
+    def get(preset: str) -> Any:
+        if preset not in loaded:
+            loaded[preset] = Pipeline.load(tiny_folder(preset))
+        return loaded[preset]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def picture() -> Image.Image:
+    """An 80x64 (HxW) RGB test picture: smooth gradients plus seeded noise (not a multiple-of-8 size on purpose)."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:80, 0:64]
+    base = np.stack([x * 4, y * 3, (x + y) * 2], axis=-1).astype(np.float64)
+    noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(noisy)
+
+
+@pytest.fixture(scope="session")
+def mask() -> Image.Image:
+    """A 72x56 mask: white (repaint) rectangle in the middle, black elsewhere."""
+    array = np.zeros((72, 56), np.uint8)
+    array[20:52, 12:44] = 255
+    return Image.fromarray(array)
+
+
+class ParityRun:
+    """One generation by diffusers and by the runtime with the same weights and seeds; final latents and images."""
+
+    def __init__(self, ref_latents: np.ndarray, ref_images: np.ndarray, latents: np.ndarray,
+                 images: np.ndarray) -> None:
+        self.ref_latents, self.ref_images, self.latents, self.images = ref_latents, ref_images, latents, images
+
+    @property
+    def latent_diff(self) -> float:
+        """max |runtime - diffusers| over the final latents."""
+        return float(np.abs(self.latents - self.ref_latents).max())
+
+    @property
+    def image_diff(self) -> float:
+        """max |runtime - diffusers| over the decoded images as floats in [0, 1]."""
+        return float(np.abs(self.images - self.ref_images).max())
+
+
+@pytest.fixture(scope="session")
+def parity_table() -> Any:
+    """Rows (case, max |latent diff|, max |image diff|) of every parity check in the session.
+
+    With SDEXPORT_PARITY_REPORT=path.md the rows are written there as a markdown table at the end of the session.
+    """
+    rows: list[tuple[str, float, float]] = []
+    yield rows
+    target = os.environ.get("SDEXPORT_PARITY_REPORT")
+    if target and rows:
+        lines = ["| case | max abs diff, final latents | max abs diff, image (x255) |", "|---|---:|---:|"]
+        lines += [f"| {case} | {lat:.1e} | {img * 255:.3f} |" for case, lat, img in rows]
+        Path(target).write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def parity_run(request: pytest.FixtureRequest, tiny_source: Callable[[str], Any], tiny_pipe: Callable[[str], Any],
+               parity_table: list[tuple[str, float, float]]) -> Callable[..., ParityRun]:
+    """``parity_run(preset, task, seeds=[...], scheduler=..., **diffusers_kwargs)`` -> ParityRun.
+
+    diffusers gets one CPU torch.Generator per image, the runtime the same seeds with ``rng="torch"``, so both draw
+    identical noise. Both capture the final latents through their step callbacks and return [0, 1] float images.
+    Every run is recorded in ``parity_table`` under the test's name.
+    """
+    from sdexport.export.parity import diffusers_pipeline, torch_generators
+
+    def run(preset: str, task: str, seeds: list[int], scheduler: str | None = None,
+            scheduler_config: dict[str, Any] | None = None, **kwargs: Any) -> ParityRun:
+        pipe = tiny_pipe(preset)
+        oracle = diffusers_pipeline(tiny_source(preset).pipe, pipe.spec, task, scheduler, scheduler_config)
+        captured: list[np.ndarray] = []
+
+        def keep(_pipe: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            captured.append(tensors["latents"].numpy().copy())
+            return tensors
+
+        ref = oracle(**kwargs, generator=torch_generators(seeds), output_type="np", callback_on_step_end=keep)
+        ours_latents: list[np.ndarray] = []
+        ours = pipe(**kwargs, seed=seeds, rng="torch", output_type="np_float", scheduler=scheduler,
+                    scheduler_config=scheduler_config, callback=lambda i, n, t, lat: ours_latents.append(lat.copy()))
+        result = ParityRun(captured[-1], np.asarray(ref.images), ours_latents[-1], ours.images)
+        parity_table.append((f"{task} {request.node.callspec.id if hasattr(request.node, 'callspec') else preset}",
+                             result.latent_diff, result.image_diff))
+        return result
+
+    return run

@@ -1,0 +1,291 @@
+"""TensorRT runtime bookkeeping on CPU, against the fake TensorRT / CUDA (tests/test_tensorrt_fake*.py): checks
+before deserializing, profile selection, buffers and contexts per shape, shared scratch memory, CUDA graph
+capture / replay / invalidation, device arrays in and out, and LoRA refits (A -> B -> A, back to base)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from safetensors.numpy import save_file
+from test_tensorrt_fake import NEWEST, copied_folder, fake_build_target, install
+from test_tensorrt_fake_runtime import FakeCuda
+
+from sdexport.engines import compat, trt_runtime
+from sdexport.engines.artifacts import load_manifest
+from sdexport.engines.compat import Environment, GpuInfo
+from sdexport.engines.lora import LoraSwapper, ort_session
+from sdexport.engines.trt_build import TrtOptions, build_engines
+from sdexport.engines.trt_cuda import DeviceArray
+from sdexport.engines.trt_profiles import Bucket
+from sdexport.engines.trt_runtime import Worker, load_components
+from sdexport.errors import ArtifactError, CompatibilityError
+from sdexport.export.onnx import dummy_inputs
+from sdexport.specs import ModelSpec
+
+ADA = GpuInfo(0, "NVIDIA GeForce RTX 4090", "8.9", 24564, "GPU-1234")
+ENV = Environment(gpus=(ADA,), tensorrt_version=NEWEST)
+UNET_ENV = {"batch": 2, "latent_height": 8, "latent_width": 8, "sequence": 77}
+
+
+@pytest.fixture(scope="module")
+def built(tiny_folder: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = copied_folder(tiny_folder("tiny-sdxl"), tmp_path_factory)
+    manifest = load_manifest(folder)
+    options = TrtOptions(refittable=True, components=("unet", "vae_decoder"),
+                         buckets=(Bucket(64, 64), Bucket(96, 64)), timing_cache=folder / ".timing")
+    out = build_engines(folder, manifest, options, None, ENV, fake_build_target)
+    return {"folder": folder, "manifest": dict(manifest, engines=out["engines"]),
+            "spec": ModelSpec.from_dict(manifest["model"])}
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch, built: dict[str, Any]) -> tuple[Any, FakeCuda]:
+    trt = install(monkeypatch)
+    cuda = FakeCuda()
+    monkeypatch.setattr(trt_runtime, "cuda_api", lambda: cuda)
+    return trt, cuda
+
+
+def _open(built: dict[str, Any], cuda: FakeCuda, **kwargs: Any) -> tuple[Worker, dict[str, Any]]:
+    components = load_components(built["folder"], built["manifest"], env=ENV)
+    worker = Worker(components, cuda=cuda)
+    return worker, worker.engines(**kwargs)
+
+
+def _feeds(built: dict[str, Any], seed: int, env: dict[str, int] = UNET_ENV) -> dict[str, np.ndarray]:
+    return dummy_inputs(built["spec"].components["unet"], env, seed)
+
+
+def _ort(built: dict[str, Any], name: str, feeds: dict[str, np.ndarray],
+         overrides: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    graph = built["folder"] / built["manifest"]["components"][name]["graph"]
+    session = ort_session(graph, overrides) if overrides else ort.InferenceSession(str(graph))
+    return session.run(None, feeds)[0]
+
+
+def test_runs_like_ort_with_buffers_and_context_made_once_per_shape(built: dict[str, Any], fakes: Any) -> None:
+    trt, cuda = fakes
+    worker, engines = _open(built, cuda, cuda_graphs=False)
+    assert cuda.calls["malloc"] == 1 and worker.scratch_bytes == max(e.device_memory_size_v2 for e in trt.engines)
+    feeds = _feeds(built, 0)
+    out = engines["unet"].run(feeds)["out_sample"]
+    np.testing.assert_allclose(out, _ort(built, "unet", feeds), rtol=0, atol=1e-6)
+    assert cuda.calls["malloc"] == 1 + 6  # five inputs (SDXL: text_embeds, time_ids too), one output
+    engines["unet"].run(_feeds(built, 1))
+    assert cuda.calls["malloc"] == 7 and len(trt.engines[0]._contexts) == 1  # same shape: nothing new
+    engines["unet"].run(_feeds(built, 2, dict(UNET_ENV, batch=1)))
+    assert cuda.calls["malloc"] == 13 and len(trt.engines[0]._contexts) == 2
+    contexts = [c for e in trt.engines for c in e._contexts]
+    assert {c._memory for c in contexts} == {worker.scratch}  # every context shares the worker's scratch
+    for engine in engines.values():
+        engine.close()
+    worker.close()
+    assert not cuda.buffers
+
+
+def test_profile_selection_picks_the_bucket_and_refuses_other_sizes(built: dict[str, Any], fakes: Any) -> None:
+    trt, cuda = fakes
+    _, engines = _open(built, cuda, cuda_graphs=False)
+    engines["unet"].run(_feeds(built, 0))
+    engines["unet"].run(_feeds(built, 0, dict(UNET_ENV, latent_width=12)))  # 96x64 pixels
+    assert [c._profile for c in trt.engines[0]._contexts] == [0, 1]
+    with pytest.raises(CompatibilityError, match="64x64, 96x64.*--bucket"):
+        engines["unet"].run(_feeds(built, 0, dict(UNET_ENV, latent_width=10)))
+
+
+def test_cuda_graph_is_recorded_on_the_second_run_replayed_and_rerecorded_after_refit(
+        built: dict[str, Any], fakes: Any) -> None:
+    trt, cuda = fakes
+    _, plain = _open(built, FakeCuda(), cuda_graphs=False)
+    _, graphed = _open(built, cuda, cuda_graphs=True)
+    for seed in range(3):
+        feeds = _feeds(built, seed)
+        np.testing.assert_array_equal(graphed["unet"].run(feeds)["out_sample"], plain["unet"].run(feeds)["out_sample"])
+    assert cuda.calls["capture"] == 1 and cuda.calls["launch"] == 2
+    graphed["unet"].component.weights_version += 1  # what a refit does (refits themselves are tested below)
+    graphed["unet"].run(_feeds(built, 5))
+    assert cuda.calls["destroy_graph"] == 1 and cuda.calls["capture"] == 2
+
+
+def test_device_arrays_in_and_out_stay_on_the_device(built: dict[str, Any], fakes: Any) -> None:
+    _, cuda = fakes
+    _, engines = _open(built, cuda, cuda_graphs=False, device_outputs=True)
+    feeds = _feeds(built, 0)
+    latent = engines["unet"].run(feeds)["out_sample"]
+    assert isinstance(latent, DeviceArray) and latent.shape == (2, 4, 8, 8)
+    assert latent.__cuda_array_interface__["typestr"] == "<f4"
+    copies = cuda.calls["dtoh"]
+    image = engines["vae_decoder"].run({"latent": latent})["image"]
+    assert cuda.calls["dtod"] == 1 and cuda.calls["dtoh"] == copies == 0  # no host round trip
+    host = np.empty(image.shape, image.dtype)
+    cuda.copy(host.ctypes.data, image.ptr, image.nbytes, "dtoh", 0)
+    want = _ort(built, "vae_decoder", {"latent": _ort(built, "unet", feeds)})
+    np.testing.assert_allclose(host, want, rtol=0, atol=1e-5)
+
+
+def test_least_recently_used_shapes_are_released(built: dict[str, Any], fakes: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _, cuda = fakes
+    monkeypatch.setattr(trt_runtime, "MAX_BINDINGS", 1)
+    _, engines = _open(built, cuda, cuda_graphs=False)
+    engines["unet"].run(_feeds(built, 0))
+    engines["unet"].run(_feeds(built, 0, dict(UNET_ENV, batch=1)))
+    assert cuda.calls["free"] == 6
+
+
+def test_plans_are_checked_before_tensorrt_sees_them(built: dict[str, Any], fakes: Any, tmp_path: Path) -> None:
+    trt, _ = fakes
+    other = Environment(gpus=(GpuInfo(0, "NVIDIA H100", "9.0"),), tensorrt_version="10.16.1.11")
+    with pytest.raises(CompatibilityError, match=r"(?s)built for NVIDIA GeForce RTX 4090 \(sm_89\), this is NVIDIA "
+                                                 r"H100 \(sm_90\).*TensorRT 11.4.0.106, this is TensorRT 10.16"):
+        load_components(built["folder"], built["manifest"], env=other)
+    plan = built["folder"] / "vae_decoder/engine.plan"
+    original = plan.read_bytes()
+    try:
+        plan.write_bytes(original.replace(b"level", b"LEVEL"))  # same size, other bytes
+        with pytest.raises(ArtifactError, match="does not match its sha256"):
+            load_components(built["folder"], built["manifest"], env=ENV)
+        plan.write_bytes(original[:10])
+        with pytest.raises(ArtifactError, match="truncated"):
+            load_components(built["folder"], built["manifest"], env=ENV)
+    finally:
+        plan.write_bytes(original)
+    assert trt.deserialized == 0
+
+
+def _lora(built: dict[str, Any], path: Path, seed: int, modules: list[str]) -> Path:
+    rng = np.random.default_rng(seed)
+    shapes = LoraSwapper(built["folder"], built["manifest"]).maps["unet"].shapes
+    tensors = {}
+    for module in modules:
+        out, inp = shapes[module + ".weight"]
+        tensors[f"unet.{module}.lora_A.weight"] = rng.standard_normal((2, inp)).astype(np.float32)
+        tensors[f"unet.{module}.lora_B.weight"] = rng.standard_normal((out, 2)).astype(np.float32) * 0.3
+    save_file(tensors, str(path))
+    return path
+
+
+def test_lora_refits_match_ort_and_a_b_a_restores_a(built: dict[str, Any], fakes: Any, tmp_path: Path) -> None:
+    trt, cuda = fakes
+    swapper = LoraSwapper(built["folder"], built["manifest"])
+    attn = sorted(m[: -len(".weight")] for m in swapper.maps["unet"].params if m.endswith("attn1.to_q.weight"))
+    outs = sorted(m[: -len(".weight")] for m in swapper.maps["unet"].params if m.endswith("attn1.to_out.0.weight"))
+    a = _lora(built, tmp_path / "a.safetensors", 1, attn[:2])
+    b = _lora(built, tmp_path / "b.safetensors", 2, [attn[0], outs[0]])
+    trt.known_biases = {swapper.maps["unet"].params[outs[0] + ".bias"]}
+    _, engines = _open(built, cuda, cuda_graphs=True)
+    unet = engines["unet"]
+    feeds = _feeds(built, 7)
+
+    def swap(loras: list[tuple[Path, float]]) -> np.ndarray:
+        update = swapper.update(loras)
+        unet.component.refit(update.refit["unet"], lambda n: swapper.current("unet", n))
+        unet.run(feeds)
+        return unet.run(feeds)["out_sample"]  # the second run replays a CUDA graph recorded after the refit
+
+    base = unet.run(feeds)["out_sample"]
+    with_a = swap([(a, 1.0)])
+    np.testing.assert_allclose(with_a, _ort(built, "unet", feeds, swapper.applied["unet"]), rtol=0, atol=1e-6)
+    with_b = swap([(b, 0.5)])
+    bias = swapper.maps["unet"].params[outs[0] + ".bias"]
+    assert bias in trt.sent and np.array_equal(trt.sent[bias], swapper.base("unet", [bias])[bias])
+    assert not np.array_equal(with_a, with_b)
+    np.testing.assert_array_equal(swap([(a, 1.0)]), with_a)
+    np.testing.assert_array_equal(swap([]), base)
+
+
+def test_refit_needs_a_refittable_engine(built: dict[str, Any], fakes: Any) -> None:
+    _, cuda = fakes
+    components = load_components(built["folder"], built["manifest"], env=ENV)
+    components["unet"].record["refittable"] = False
+    with pytest.raises(CompatibilityError, match="--refittable"):
+        components["unet"].refit({}, lambda n: np.zeros(1))
+
+
+def test_backend_factory_shares_one_session_and_worker_per_folder(built: dict[str, Any], fakes: Any,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from types import SimpleNamespace
+
+    from sdexport.engines.artifacts import write_manifest
+
+    trt, _ = fakes
+    monkeypatch.setattr(trt_runtime, "_SESSIONS", {})
+    monkeypatch.setattr(compat, "probe_environment", lambda: ENV)
+    folder = tmp_path / "copy"
+    shutil.copytree(built["folder"], folder)
+    write_manifest(folder, built["manifest"])
+
+    def component(name: str) -> SimpleNamespace:
+        return SimpleNamespace(name=name, graph=folder / name / "model.onnx")
+
+    unet = trt_runtime.tensorrt_backend(component("unet"), {"cuda_graphs": False, "worker": 1})
+    vae = trt_runtime.tensorrt_backend(component("vae_decoder"), {"worker": 1})
+    other = trt_runtime.tensorrt_backend(component("unet"), {"worker": 2})
+    assert unet.worker is vae.worker and other.worker is not unet.worker
+    assert unet.component is other.component and trt.deserialized == 2  # each plan deserialized once
+    feeds = _feeds(built, 4)
+    np.testing.assert_allclose(unet.run(feeds)["out_sample"], _ort(built, "unet", feeds), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="no option"):
+        trt_runtime.tensorrt_backend(component("unet"), {"fp16": True})
+    with pytest.raises(CompatibilityError, match="no TensorRT engine for text_encoder"):
+        trt_runtime.tensorrt_backend(component("text_encoder"), {})
+
+
+class _Rt:
+    """cuda-python's runtime module as CudaApi uses it: calls return (error, values...)."""
+
+    class cudaError_t:  # cuda-python's names
+        cudaSuccess = 0
+        cudaErrorInsufficientDriver = 35
+
+    class cudaStreamCaptureMode:
+        cudaStreamCaptureModeThreadLocal = 1
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> tuple[Any, ...]:
+            self.calls.append(name)
+            if name == "cudaGetErrorString":
+                return 0, b"CUDA driver version is insufficient"
+            if name == "cudaMalloc":
+                return self.cudaError_t.cudaErrorInsufficientDriver, None
+            return (0, f"{name}-handle") if name in ("cudaStreamEndCapture", "cudaGraphInstantiate") else (0,)
+        return call
+
+
+def test_cuda_api_records_graphs_in_order_and_turns_errors_into_exceptions() -> None:
+    from sdexport.engines.trt_cuda import CudaApi, CudaError
+
+    rt = _Rt()
+    api = CudaApi(rt)
+    assert api.capture(1, lambda: rt.calls.append("work")) == "cudaGraphInstantiate-handle"
+    assert rt.calls == ["cudaStreamBeginCapture", "work", "cudaStreamEndCapture", "cudaGraphInstantiate",
+                        "cudaGraphDestroy"]
+    rt.calls.clear()
+    with pytest.raises(RuntimeError):
+        api.capture(1, lambda: (_ for _ in ()).throw(RuntimeError("enqueue failed")))
+    # the capture is ended (the stream stays usable) and its graph destroyed; nothing is instantiated
+    assert rt.calls == ["cudaStreamBeginCapture", "cudaStreamEndCapture", "cudaGraphDestroy"]
+    with pytest.raises(CudaError, match=r"cudaMalloc\(16\) failed: CUDA driver version is insufficient"):
+        api.malloc(16)
+
+
+def test_cuda_api_over_the_real_cuda_python() -> None:
+    runtime = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed (gpu extra)")
+    from sdexport.engines.trt_cuda import CudaApi, CudaError
+
+    api = CudaApi(runtime)
+    try:
+        ptr = api.malloc(256)
+    except CudaError as exc:  # no usable GPU here: the driver's own message comes through
+        assert "cudaMalloc(256) failed: " in str(exc) and len(str(exc)) > len("cudaMalloc(256) failed: ")
+    else:
+        api.free(ptr)
