@@ -300,3 +300,31 @@ def test_fuse_accumulates_in_fp32_in_order_and_keeps_the_base_dtype() -> None:
     delta = kernel.delta(0.5)
     assert delta.shape == (8, 4, 3, 3)
     np.testing.assert_allclose(delta, np.einsum("or,rikl->oikl", kernel.up[:, :, 0, 0], kernel.down), rtol=1e-5)
+
+
+def test_pipeline_set_loras_matches_a_folder_built_with_the_lora(setup: dict[str, Any]) -> None:
+    """Hot swap on a loaded Pipeline gives the images of a folder with the LoRA fused at build time; A->B->A and
+    back to [] restore exactly."""
+    from sdexport import Pipeline
+    from sdexport.export.build import BuildConfig, build
+    from sdexport.export.lora import LoraSpec
+
+    fused_folder = setup["root"] / "fused-a"
+    build(BuildConfig(model=PRESET, out=fused_folder, loras=[LoraSpec(setup["a"], 0.8)]))
+    args = {"prompt": "a red circle", "num_inference_steps": 3, "height": 64, "width": 64, "seed": 5,
+            "output_type": "latent"}
+    pipe = Pipeline.load(setup["folder"])
+    base = pipe(**args).images
+    first = pipe.set_loras([(setup["a"], 0.8)])
+    assert sorted(first["changed"]) == ["text_encoder", "text_encoder_2", "unet"]
+    with_a = pipe(**args).images
+    expected = Pipeline.load(fused_folder)(**args).images
+    # fusion in torch at build time vs numpy at run time: fp32 rounding only
+    np.testing.assert_allclose(with_a, expected, atol=1e-4)
+    assert np.abs(with_a - base).max() > 1e-3
+    pipe.set_loras([(setup["b"], 0.5)])
+    assert np.abs(pipe(**args).images - with_a).max() > 1e-3
+    pipe.set_loras([(setup["a"], 0.8)])
+    np.testing.assert_array_equal(pipe(**args).images, with_a)
+    pipe.set_loras([])
+    np.testing.assert_array_equal(pipe(**args).images, base)

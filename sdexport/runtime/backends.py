@@ -45,11 +45,13 @@ Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 def _onnxruntime(component: ComponentFiles, options: Mapping[str, Any]) -> Engine:
     from sdexport.engines.ort import OrtEngine, session_options
 
-    unknown = sorted(set(options) - {"providers", "threads"})
+    allowed = {"providers", "threads", "initializer_overrides"}
+    unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"backend 'onnxruntime' has no option(s) {unknown}; allowed: ['providers', 'threads']")
+        raise ValueError(f"backend 'onnxruntime' has no option(s) {unknown}; allowed: {sorted(allowed)}")
     return OrtEngine(component.name, component.graph, component.spec.inputs, component.spec.outputs,
-                     providers=options.get("providers"), options=session_options(options.get("threads")))
+                     providers=options.get("providers"), options=session_options(options.get("threads")),
+                     initializer_overrides=options.get("initializer_overrides"))
 
 
 BACKENDS: dict[str, EngineFactory] = {"onnxruntime": _onnxruntime}

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ class Pipeline:
         self.scheduler_base_config: dict[str, Any] = json.loads(config_path.read_text())
         self._schedulers: dict[str, Scheduler] = {}
         self._lock = threading.Lock()
+        self._swapper: Any = None
+        self.engine_options: dict[str, Any] = {}
         self.scheduler = self._scheduler(scheduler, scheduler_config)
 
     @classmethod
@@ -83,6 +85,7 @@ class Pipeline:
         engines = {name: open_engine(component_files(root, manifest, c), backend, dict(engine_options or {}))
                    for name, c in spec.components.items()}
         pipe = cls(root, manifest, engines, scheduler, scheduler_config, backend)
+        pipe.engine_options = dict(engine_options or {})
         log.info("loaded %s (%s, %s) in %.2f s", root, spec.family, backend, time.perf_counter() - t0)
         return pipe
 
@@ -105,6 +108,33 @@ class Pipeline:
             raise ValueError(f"the new {name} engine's inputs {[t.name for t in engine.inputs]} differ from the "
                              f"folder's {[t.name for t in spec.inputs]}")
         self.engines = {**self.engines, name: engine}
+
+    def set_loras(self, loras: Sequence[tuple[str | os.PathLike[str], float]]) -> dict[str, Any]:
+        """Swap LoRAs without a rebuild: ``[(path, weight), ...]`` fused onto the base weights; ``[]`` restores them.
+
+        Weights are always recomputed from the folder's base weights, so A -> B -> A gives A exactly. ONNX Runtime
+        sessions are reopened with the fused weights; TensorRT engines (built ``--refittable``) are refitted,
+        including weights only the previous LoRAs touched. Call between requests. Returns what changed and the time.
+        """
+        from sdexport.engines.lora import LoraSwapper
+
+        t0 = time.perf_counter()
+        with self._lock:
+            if self._swapper is None:
+                self._swapper = LoraSwapper(self.folder, self.manifest)
+            swapper = self._swapper
+            update = swapper.update([(Path(p), float(w)) for p, w in loras])
+            for name in update.changed:
+                engine = self.engines[name]
+                component = getattr(engine, "component", None)
+                if component is not None and hasattr(component, "refit"):
+                    component.refit(update.refit[name], lambda init, c=name: swapper.current(c, init))
+                else:
+                    options = {**self.engine_options, "initializer_overrides": update.overrides[name] or None}
+                    self.replace_engine(name, open_engine(self.components[name], self.backend, options))
+        seconds = time.perf_counter() - t0
+        log.info("LoRAs %s applied to %s in %.2f s", [str(p) for p, _ in loras], update.changed, seconds)
+        return {"changed": update.changed, "seconds": seconds}
 
     def get_scheduler(self, name: str | None = None, overrides: Mapping[str, Any] | None = None) -> Scheduler:
         """The scheduler called ``name`` (default: the pipeline's) configured from the folder's config + overrides.
