@@ -52,6 +52,23 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="instantiate a family preset's full-size architecture with random weights (no download)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin/.ckpt) weights you trust")
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                   help="tensorrt also builds engines from the graphs (needs an NVIDIA GPU)")
+    t = p.add_argument_group("TensorRT (with --backend tensorrt)")
+    t.add_argument("--shapes", choices=("static", "dynamic", "both"), default="static",
+                   help="static shape buckets (fastest), one dynamic profile over the ranges, or both")
+    t.add_argument("--bucket", action="append", default=[], metavar="WxH", help="a static size bucket; repeatable")
+    t.add_argument("--refittable", action="store_true", help="refittable engines (LoRA hot swap without rebuild)")
+    t.add_argument("--strip-weights", action="store_true", help="weightless plans, refitted from the graphs at load")
+    t.add_argument("--workspace-gib", type=float, help="builder workspace limit")
+    t.add_argument("--optimization-level", type=int, default=3, help="builder optimisation level 0..5")
+    t.add_argument("--version-compatible", action="store_true", help="plans that load on later TensorRT versions")
+    t.add_argument("--exclude-lean-runtime", action="store_true", help="with --version-compatible: smaller plans")
+    t.add_argument("--hardware-compatibility", choices=("none", "same-cc", "ampere+"), default="none")
+    t.add_argument("--timing-cache", type=Path, help="timing cache file to reuse across builds")
+    t.add_argument("--trt-components", nargs="+", help="build engines for these components only")
+    t.add_argument("--device", type=int, default=0, help="CUDA device to build on")
+    t.add_argument("--build-timeout", type=float, help="seconds one engine build may take")
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -189,7 +206,37 @@ def parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_run(sub)
     _add_parity(sub)
+    _add_doctor(sub)
     return ap
+
+
+def _trt_options(args: argparse.Namespace) -> object:
+    from sdexport.engines.trt_build import TrtOptions
+    from sdexport.engines.trt_profiles import Bucket
+
+    return TrtOptions(
+        shapes=args.shapes, buckets=tuple(Bucket.parse(b) for b in args.bucket) or None,
+        workspace_gib=args.workspace_gib, optimization_level=args.optimization_level, refittable=args.refittable,
+        strip_weights=args.strip_weights, version_compatible=args.version_compatible,
+        exclude_lean_runtime=args.exclude_lean_runtime, hardware_compatibility=args.hardware_compatibility,
+        timing_cache=args.timing_cache, components=tuple(args.trt_components) if args.trt_components else None,
+        device=args.device, timeout_s=args.build_timeout,
+    )
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="GPU, driver, CUDA, TensorRT / ONNX Runtime, and whether FOLDER can run here")
+    p.add_argument("folder", type=Path, nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", type=int, default=0)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from sdexport.engines.doctor import run_doctor
+
+    code, text = run_doctor(args.folder, args.json, args.device)
+    print(text)
+    return code
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -210,7 +257,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     config = BuildConfig(
         model=args.model, out=out, loras=[LoraSpec.parse(t) for t in args.lora], precision=args.precision,
         component_precision=dict(args.component_precision), ranges=ranges,
-        random_weights=args.random_weights, allow_pickle=args.allow_pickle,
+        random_weights=args.random_weights, allow_pickle=args.allow_pickle, backend=args.backend,
+        trt=_trt_options(args) if args.backend == "tensorrt" else None,
     )
     build(config, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     return 0
@@ -226,7 +274,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build": _cmd_build, "info": _cmd_info, "run": _cmd_run, "parity": _cmd_parity}
+COMMANDS = {"build": _cmd_build, "info": _cmd_info, "run": _cmd_run, "parity": _cmd_parity, "doctor": _cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
