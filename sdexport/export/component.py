@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from sdexport.engines import artifacts
 from sdexport.export import optimize
@@ -71,8 +70,7 @@ def finish(raw_export: RawExport, spec: ModelSpec, ranges: ShapeRanges, folder: 
     graph = optimize.drop_initializer_inputs(
         optimize.load_graph(raw / (TYPED if precision == "fp16" else GRAPH), with_data=False))
     if precision == "fp16":
-        onnx.load_external_data_for_model(graph, str(raw))
-        graph = optimize.convert_fp16(graph)
+        graph = optimize.convert_fp16_streaming(graph, raw)
         gc.collect()
     written = optimize.save_graph(graph, staging / GRAPH, source_dir=raw)
     del graph

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,47 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return wrapped.model
 
 
+def _read_external(tensor: onnx.TensorProto, source_dir: Path) -> bytes:
+    info = {e.key: e.value for e in tensor.external_data}
+    with (source_dir / info["location"]).open("rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info["length"])) if "length" in info else f.read()
+
+
+def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+
+
+def convert_fp16_streaming(model: onnx.ModelProto, source_dir: Path) -> onnx.ModelProto:
+    """``convert_fp16`` for a model loaded without its external weights, one tensor in memory at a time.
+
+    Weights consumed only by fp16 nodes are cast to fp16 here, streamed into ``source_dir/fp16.data``; weights that
+    feed an fp32-kept op are loaded inline and left to the converter (they are small: normalisation parameters).
+    The converter then decides the same as it would on the loaded model, without holding 10 GB twice.
+    """
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    keep_fp32 = {i for node in model.graph.node if node.op_type in FP16_KEEP_FP32_OPS for i in node.input}
+    data_path = source_dir / "fp16.data"
+    with data_path.open("wb") as out:
+        for tensor in _external_tensors(model):
+            data = _read_external(tensor, source_dir)
+            if tensor.data_type == onnx.TensorProto.FLOAT and tensor.name not in keep_fp32:
+                half = convert_np_to_float16(np.frombuffer(data, dtype=np.float32)).tobytes()
+                offset = out.tell()
+                out.write(half)
+                tensor.data_type = onnx.TensorProto.FLOAT16
+                _set_external(tensor, data_path.name, offset, len(half))
+            else:
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = data
+    return convert_fp16(model)
+
+
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
 
@@ -68,18 +110,11 @@ def _stream_external_data(model: onnx.ModelProto, source_dir: Path, data_path: P
     """
     with data_path.open("wb") as out:
         for tensor in _external_tensors(model):
-            info = {e.key: e.value for e in tensor.external_data}
-            src = source_dir / info["location"]
-            with src.open("rb") as f:
-                f.seek(int(info.get("offset", 0)))
-                data = f.read(int(info["length"])) if "length" in info else f.read()
-            pad = -out.tell() % 4096  # page-aligned tensors can be memory-mapped
-            out.write(b"\0" * pad)
+            data = _read_external(tensor, source_dir)
+            out.write(b"\0" * (-out.tell() % 4096))  # page-aligned tensors can be memory-mapped
             offset = out.tell()
             out.write(data)
-            del tensor.external_data[:]
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(data)))):
-                tensor.external_data.add(key=key, value=value)
+            _set_external(tensor, data_path.name, offset, len(data))
 
 
 def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = None) -> list[Path]:
