@@ -110,6 +110,7 @@ def test_concurrent_build_is_refused(tmp_path: Path) -> None:
 def test_truncated_graph_is_detected_and_rebuild_repairs_only_it(tmp_path: Path, built: Path) -> None:
     folder = _copy(built, tmp_path)
     graph = folder / "unet" / "model.onnx"
+    before = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(graph)).graph.initializer}
     graph.write_bytes(graph.read_bytes()[:1000])
     with pytest.raises(ArtifactError, match=r"unet/model.onnx.*truncated"):
         load_manifest(folder)
@@ -117,6 +118,11 @@ def test_truncated_graph_is_detected_and_rebuild_repairs_only_it(tmp_path: Path,
     result = build(BuildConfig(model="tiny-sd15", out=folder))
     assert result.built == ["unet"]
     load_manifest(folder)
+    # only the UNet was loaded for the repair, with the same seeded weights as the full build
+    after = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(graph)).graph.initializer}
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert (after[name] == value).all(), name
 
 
 def test_edited_graph_same_size_is_detected(tmp_path: Path, built: Path) -> None:

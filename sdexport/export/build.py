@@ -213,7 +213,10 @@ def build(config: BuildConfig, progress: Callable[[str], None] | None = None) ->
         loras_path = folder / artifacts.BUILD_DIR / "loras.json"
         if todo:
             t0 = time.perf_counter()
-            source = load_source(info, config.allow_pickle)
+            modules = {"vae" if n.startswith("vae") else n for n in todo}
+            if config.loras:
+                modules |= {c for c in LORA_TARGETS if c in info.spec.components}
+            source = load_source(info, config.allow_pickle, frozenset(modules))
             fused = fuse_loras(source.pipe, config.loras, config.allow_pickle) if config.loras else []
             seconds["load"] = time.perf_counter() - t0
         elif loras_path.is_file():

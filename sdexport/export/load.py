@@ -81,8 +81,9 @@ def _assemble(family: str, parts: dict[str, Any], pipeline_config: dict[str, Any
     return cls(**kwargs)
 
 
-def _build_random(configs: dict[str, Any], tok_root: Path) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Instantiate every component from configs with seeded random weights, plus real CLIP tokenizers."""
+def _build_random(configs: dict[str, Any], tok_root: Path, modules: frozenset[str]
+                  ) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Instantiate ``modules`` from configs with seeded random weights (each its own seed), plus CLIP tokenizers."""
     import diffusers
     import transformers
 
@@ -95,17 +96,17 @@ def _build_random(configs: dict[str, Any], tok_root: Path) -> tuple[dict[str, An
             continue
         cfg = {k: v for k, v in configs[name].items() if k != "architectures"}
         torch.manual_seed(RANDOM_SEED + index)
-        model = _text_model_class(configs[name])(transformers.CLIPTextConfig(**cfg)).eval()
-        parts[name] = model
+        parts[name] = _text_model_class(configs[name])(transformers.CLIPTextConfig(**cfg)).eval() if (
+            name in modules) else None
         tok_name = name.replace("text_encoder", "tokenizer")
         # SDXL's second tokenizer pads with "!" like the released checkpoints.
         pad = "!" if name == "text_encoder_2" else "<|endoftext|>"
         tokenizer_dirs[tok_name] = write_clip_tokenizer(tok_root / tok_name, pad_token=pad)
         parts[tok_name] = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dirs[tok_name]))
     torch.manual_seed(RANDOM_SEED + 10)
-    parts["unet"] = diffusers.UNet2DConditionModel(**configs["unet"]).eval()
+    parts["unet"] = diffusers.UNet2DConditionModel(**configs["unet"]).eval() if "unet" in modules else None
     torch.manual_seed(RANDOM_SEED + 20)
-    parts["vae"] = diffusers.AutoencoderKL(**configs["vae"]).eval()
+    parts["vae"] = diffusers.AutoencoderKL(**configs["vae"]).eval() if "vae" in modules else None
     sched_cfg = configs["scheduler"]
     parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
     return parts, tokenizer_dirs
@@ -146,7 +147,8 @@ def folder_configs(folder: Path) -> dict[str, Any]:
     return configs
 
 
-def _load_folder(folder: Path, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Path]]:
+def _load_folder(folder: Path, allow_pickle: bool, modules: frozenset[str]
+                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Path]]:
     """Load the components of a local diffusers folder; returns (parts, configs, tokenizer dirs)."""
     import diffusers
     import transformers
@@ -159,13 +161,16 @@ def _load_folder(folder: Path, allow_pickle: bool) -> tuple[dict[str, Any], dict
         if name not in configs:
             continue
         _check_weights(folder, name, allow_pickle)
-    parts["unet"] = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=use_safe)
-    parts["vae"] = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=use_safe)
+    parts["unet"] = diffusers.UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", use_safetensors=use_safe) if "unet" in modules else None
+    parts["vae"] = diffusers.AutoencoderKL.from_pretrained(
+        folder, subfolder="vae", use_safetensors=use_safe) if "vae" in modules else None
     for name in ("text_encoder", "text_encoder_2"):
         if name not in configs:
             continue
         cls = _text_model_class(configs[name])
-        parts[name] = cls.from_pretrained(folder, subfolder=name, use_safetensors=use_safe)
+        parts[name] = cls.from_pretrained(folder, subfolder=name, use_safetensors=use_safe) if (
+            name in modules) else None
         tok = name.replace("text_encoder", "tokenizer")
         if not (folder / tok).is_dir():
             raise SourceError(f"{folder} has {name} but no {tok} folder")
@@ -173,7 +178,7 @@ def _load_folder(folder: Path, allow_pickle: bool) -> tuple[dict[str, Any], dict
         parts[tok] = transformers.CLIPTokenizer.from_pretrained(folder, subfolder=tok)
     parts["scheduler"] = getattr(diffusers, configs["scheduler"]["_class_name"]).from_config(configs["scheduler"])
     for model in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if model in parts:
+        if parts.get(model) is not None:
             parts[model] = parts[model].float().eval()
     return parts, configs, tokenizer_dirs
 
@@ -279,15 +284,18 @@ def inspect_source(model: str, random_weights: bool = False) -> SourceInfo:
     return SourceInfo(model, kind, preset, folder, configs, spec, fingerprint)
 
 
-def load_source(info: SourceInfo, allow_pickle: bool = False) -> Source:
-    """Load the weights of an inspected source into a Source."""
+ALL_MODULES = frozenset({"unet", "vae", "text_encoder", "text_encoder_2"})
+
+
+def load_source(info: SourceInfo, allow_pickle: bool = False, modules: frozenset[str] = ALL_MODULES) -> Source:
+    """Load the weights of an inspected source into a Source; modules not in ``modules`` stay None (memory)."""
     tmp: list[tempfile.TemporaryDirectory] = []
     if info.kind in ("tiny", "random"):
         tdir = tempfile.TemporaryDirectory(prefix="sdexport-tok-")
         tmp.append(tdir)
-        parts, tokenizer_dirs = _build_random(info.configs, Path(tdir.name))
+        parts, tokenizer_dirs = _build_random(info.configs, Path(tdir.name), modules)
     else:
-        parts, _, tokenizer_dirs = _load_folder(info.folder, allow_pickle)
+        parts, _, tokenizer_dirs = _load_folder(info.folder, allow_pickle, modules)
     needed = FAMILIES[info.spec.family]["text_encoders"]
     parts = {k: v for k, v in parts.items() if k not in ("text_encoder", "tokenizer") or "text_encoder" in needed}
     pipe = _assemble(info.spec.family, parts, info.spec.pipeline_config)
