@@ -207,6 +207,7 @@ def parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_parity(sub)
     _add_doctor(sub)
+    _add_bench(sub)
     return ap
 
 
@@ -237,6 +238,18 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     code, text = run_doctor(args.folder, args.json, args.device)
     print(text)
     return code
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from sdexport.bench import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="latency and memory of a compiled folder against diffusers"))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sdexport.bench import run_bench
+
+    return run_bench(args)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -274,7 +287,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build": _cmd_build, "info": _cmd_info, "run": _cmd_run, "parity": _cmd_parity, "doctor": _cmd_doctor}
+COMMANDS = {
+    "build": _cmd_build, "info": _cmd_info, "run": _cmd_run, "parity": _cmd_parity, "doctor": _cmd_doctor,
+    "bench": _cmd_bench,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

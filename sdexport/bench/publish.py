@@ -1,0 +1,55 @@
+"""Publishing results: the latest line per suite, system and case from a JSON lines history, rendered into the
+markdown report, the PNG chart and the marked section of a README."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sdexport.bench import records
+from sdexport.bench.chart import render_png
+from sdexport.bench.report import render
+
+START, END = "<!-- bench:latest:start -->", "<!-- bench:latest:end -->"
+
+
+def latest(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Of each suite, only its most recent run's lines (a suite run later replaces it whole, so ratios always
+    compare systems measured side by side); plus the most recent sgemm line and the flops lines of kept runs."""
+    newest_run: dict[str, tuple[str, str]] = {}
+    for line in lines:
+        if line["kind"] == "latency":
+            key = line["suite"]
+            if key not in newest_run or line["time"] > newest_run[key][0]:
+                newest_run[key] = (line["time"], line["run_id"])
+    keep = {(suite, run) for suite, (_, run) in newest_run.items()}
+    out = [line for line in lines if line["kind"] in ("latency", "flops") and (line.get("suite"), line["run_id"])
+           in keep]
+    sgemm = [line for line in lines if line["kind"] == "sgemm"]
+    return ([max(sgemm, key=lambda r: r["time"])] if sgemm else []) + out
+
+
+def replace_section(text: str, body: str) -> str:
+    """``text`` with the part between the bench markers replaced by ``body`` (appended when there are none)."""
+    block = f"{START}\n{body.strip()}\n{END}"
+    if START in text and END in text:
+        return re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def publish(history: Path, markdown: Path, chart: Path, readme: Path | None = None,
+            command: str = "") -> str:
+    """Render the latest results of ``history`` into ``markdown`` and ``chart`` (and ``readme``'s section)."""
+    lines = latest(records.read(history))
+    render_png(lines, chart)
+    text = render(lines, chart.name)
+    markdown.write_text(f"# Latest benchmark results\n\n{text}\n")
+    if readme is not None:
+        relative = chart.relative_to(readme.parent) if chart.is_relative_to(readme.parent) else chart
+        note = (f"Regenerate with `{command}` (without flags: the tiny suites only; a suite not run keeps its "
+                "latest results).\n\n" if command else "")
+        body = note + render(lines, str(relative))
+        readme.write_text(replace_section(readme.read_text() if readme.exists() else "", body))
+    return text

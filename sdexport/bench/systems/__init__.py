@@ -1,0 +1,49 @@
+"""The systems a benchmark compares, opened by name inside a worker process: our runtime and its peers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from sdexport.bench.cases import Case
+from sdexport.bench.timing import RunTiming
+
+OURS = "sdexport"
+EAGER = "diffusers-eager"
+COMPILE = "diffusers-compile"
+OPTIMUM = "optimum-ort"
+SYSTEM_NAMES = (OURS, EAGER, COMPILE, OPTIMUM)
+TORCH_SYSTEMS = (EAGER, COMPILE)
+"""Systems that need torch and diffusers in the benchmarking interpreter."""
+
+
+class Runner(Protocol):
+    """One loaded system: ``run`` generates ``case`` from ``latents`` and returns its timings and images."""
+
+    def run(self, case: Case, latents: np.ndarray) -> tuple[RunTiming, np.ndarray]:
+        """Timings of one generation and its images as float32 [N, H, W, 3] in [0, 1]."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """backend, precision and scheduler class of what was measured."""
+        ...
+
+
+def open_runner(system: str, paths: Mapping[str, str], options: Mapping[str, Any] | None = None) -> Runner:
+    """Load ``system`` from the folders in ``paths`` (compiled / diffusers / optimum)."""
+    options = dict(options or {})
+    if system == OURS:
+        from sdexport.bench.systems.ours import OursRunner
+
+        return OursRunner(paths["compiled"], options)
+    if system in TORCH_SYSTEMS:
+        from sdexport.bench.systems.torch_peers import load_diffusers
+
+        return load_diffusers(paths["diffusers"], compile_unet=system == COMPILE)
+    if system == OPTIMUM:
+        from sdexport.bench.systems.optimum import load_optimum
+
+        return load_optimum(paths["optimum"])
+    raise ValueError(f"unknown system {system!r}; choose from {SYSTEM_NAMES}")

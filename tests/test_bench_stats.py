@@ -1,0 +1,59 @@
+"""Benchmark statistics: percentiles, summaries and ratios match numpy and reject bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdexport.bench.stats import Summary, percentile, ratio, summarize
+
+
+@pytest.mark.parametrize("q", [0, 10, 25, 50, 75, 90, 100])
+def test_percentile_matches_numpy(q: float) -> None:
+    values = [3.0, 1.0, 7.5, 2.25, 9.0, 4.0]
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_rejects_empty_and_out_of_range() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match="0..100"):
+        percentile([1.0], 101)
+
+
+def test_summarize_fields() -> None:
+    data = [0.9, 1.0, 1.1, 1.2, 5.0]  # one outlier: the median and IQR ignore it, the mean does not
+    s = summarize(data)
+    assert s.n == 5
+    assert s.median == pytest.approx(1.1)
+    assert s.mean == pytest.approx(np.mean(data))
+    assert s.stdev == pytest.approx(np.std(data, ddof=1))
+    assert (s.min, s.max) == (0.9, 5.0)
+    assert s.iqr == pytest.approx(0.2)
+    assert s.spread == pytest.approx(0.2 / 1.1)
+
+
+def test_summarize_single_sample_and_errors() -> None:
+    s = summarize([2.0])
+    assert (s.median, s.stdev, s.iqr) == (2.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        summarize([])
+    with pytest.raises(ValueError, match="NaN"):
+        summarize([1.0, float("nan")])
+
+
+def test_summary_round_trip_and_scaling() -> None:
+    s = summarize([0.001, 0.002, 0.004])
+    d = s.to_dict()
+    assert d["iqr"] == pytest.approx(s.iqr) and d["spread"] == pytest.approx(s.spread)
+    assert Summary.from_dict(d) == s
+    ms = s.scaled(1e3)
+    assert ms.median == pytest.approx(2.0) and ms.max == pytest.approx(4.0)
+    assert ms.spread == pytest.approx(s.spread)
+
+
+def test_ratio() -> None:
+    assert ratio(1.0, 4.0) == 0.25
+    assert ratio(None, 1.0) is None
+    assert ratio(1.0, None) is None
+    assert ratio(1.0, 0.0) is None
