@@ -1,7 +1,8 @@
-"""ONNX Runtime tuning experiment: each session option's effect on the UNet, measured variant by variant.
+"""ONNX Runtime tuning experiment: each session option's effect on a network, measured variant by variant.
 
     python benchmarks/bench_ort_tuning.py                    # tiny-sd15 UNet (seconds)
     python benchmarks/bench_ort_tuning.py --model sd15 --size 256   # full SD 1.5 UNet (slow; built once)
+    python benchmarks/bench_ort_tuning.py --model sd15 --size 512 --component vae_decoder   # memory-bound VAE
 
 Appends to benchmarks/results/ort_tuning.jsonl and renders benchmarks/results/ort_tuning.md.
 """
@@ -27,6 +28,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", default="tiny-sd15", choices=sorted(SUITE_OF))
     ap.add_argument("--size", type=int, help="pixel height = width (default: the suite's)")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--component", default="unet", choices=("unet", "vae_decoder", "text_encoder"),
+                    help="the network to tune (the VAE decoder dominates peak memory at 512x512)")
     ap.add_argument("--variants", nargs="+", choices=sorted(BY_NAME), help="default: all")
     ap.add_argument("--rounds", type=int, help="passes over the variants (default 3 tiny, 2 full size)")
     ap.add_argument("--repeats", type=int, help="timed runs per variant and round (default 20 tiny, 3 full size)")
@@ -40,7 +43,8 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     lines = run_experiment(folder, Case(suite.model, size, size, 1, args.batch), args.variants,
                            rounds=args.rounds or (3 if tiny else 2), repeats=args.repeats or (20 if tiny else 3),
-                           progress=lambda msg: print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True))
+                           progress=lambda msg: print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True),
+                           component=args.component)
     records.append(args.history, lines)
     text = render_table(records.read(args.history, kind="ort_tuning"))
     (RESULTS / "ort_tuning.md").write_text("# ONNX Runtime tuning (latest run per model and size)\n\n" + text)

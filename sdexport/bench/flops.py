@@ -122,33 +122,37 @@ def profile_graph(graph: Path, feeds: Mapping[str, np.ndarray], level: str = "ba
         path.unlink(missing_ok=True)
 
 
-def unet_feeds(folder: Path, batch: int, height: int, width: int, cfg: bool = True) -> dict[str, np.ndarray]:
-    """Zero inputs for a compiled folder's UNet at one generation setting (2 x batch rows with CFG), from the
-    manifest's tensor specs: the same shapes the runtime feeds it."""
+def component_feeds(folder: Path, component: str, rows: int, height: int, width: int) -> dict[str, np.ndarray]:
+    """Inputs for one component of a compiled folder with ``rows`` on the batch axis, from the manifest's tensor
+    specs (the shapes the runtime feeds it): zeros, and mid-schedule timesteps."""
     from sdexport.specs import ModelSpec
 
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
     spec = ModelSpec.from_dict(manifest["model"])
-    unet = spec.components["unet"]
-    env = {"batch": batch * (2 if cfg else 1), "latent_height": height // spec.vae_scale_factor,
-           "latent_width": width // spec.vae_scale_factor, "sequence": 77}
+    env = {"batch": rows, "latent_height": height // spec.vae_scale_factor,
+           "latent_width": width // spec.vae_scale_factor, "height": height, "width": width, "sequence": 77}
     feeds = {}
-    for tensor in unet.inputs:
+    for tensor in spec.components[component].inputs:
         shape = tensor.shape(env)
         feeds[tensor.name] = (np.full(shape, 500.0, dtype=tensor.dtype) if tensor.name == "timestep"
                               else np.zeros(shape, dtype=tensor.dtype))
     return feeds
 
 
-def unet_graph(folder: Path) -> Path:
-    """The UNet's ONNX graph in a compiled folder."""
+def unet_feeds(folder: Path, batch: int, height: int, width: int, cfg: bool = True) -> dict[str, np.ndarray]:
+    """The UNet's inputs for one generation setting: 2 x batch rows with classifier-free guidance."""
+    return component_feeds(folder, "unet", batch * (2 if cfg else 1), height, width)
+
+
+def component_graph(folder: Path, component: str = "unet") -> Path:
+    """A component's ONNX graph in a compiled folder."""
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
-    return Path(folder) / manifest["components"]["unet"]["graph"]
+    return Path(folder) / manifest["components"][component]["graph"]
 
 
 def count_unet(folder: Path, batch: int, height: int, width: int) -> dict[str, Any]:
     """FLOPs of one UNet evaluation (with CFG: 2 x batch rows) and the served graph's kernel-time shares by op."""
-    graph, feeds = unet_graph(folder), unet_feeds(folder, batch, height, width)
+    graph, feeds = component_graph(folder), unet_feeds(folder, batch, height, width)
     counted = profile_graph(graph, feeds, level="basic")
     served = profile_graph(graph, feeds, level="all", runs=2)
     return {"flops": counted.flops, "flops_by_op": dict(counted.flops_by_op), "time_shares": served.time_shares(),

@@ -158,17 +158,19 @@ def recommend(results: Sequence[Mapping[str, Any]], threshold: float = 1.03) -> 
 
 def run_experiment(folder: Path, case: Case, variants: Sequence[str] | None = None, rounds: int = 3,
                    repeats: int = 10, timeout: float = 3600.0, run_id: str | None = None,
-                   progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Measure every variant on ``folder``'s UNet at ``case``'s size and batch (CFG rows); ``rounds`` passes over
-    the variants in rotating order so that drift in the machine's load spreads evenly. Returns result lines."""
+                   progress: Callable[[str], None] | None = None, component: str = "unet") -> list[dict[str, Any]]:
+    """Measure every variant on one component of ``folder`` at ``case``'s size and batch (the UNet gets the 2 x
+    batch rows of CFG); ``rounds`` passes over the variants in rotating order so that drift in the machine's load
+    spreads evenly. Returns result lines."""
     from sdexport.bench import flops, records
     from sdexport.bench.environment import environment
 
     chosen = [BY_NAME[n] for n in (variants or BY_NAME)]
-    graph = flops.unet_graph(folder)
+    graph = flops.component_graph(folder, component)
+    rows = case.batch * (2 if component == "unet" else 1)
     with tempfile.TemporaryDirectory(prefix="sdexport-ort-tuning-") as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
-        np.savez(feeds_path, **flops.unet_feeds(folder, case.batch, case.height, case.width))
+        np.savez(feeds_path, **flops.component_feeds(folder, component, rows, case.height, case.width))
         raw: dict[str, list[dict]] = {v.name: [] for v in chosen}
         for r in range(rounds):
             order = chosen[r % len(chosen):] + chosen[:r % len(chosen)]
@@ -180,26 +182,28 @@ def run_experiment(folder: Path, case: Case, variants: Sequence[str] | None = No
     results = [combine(name, rounds_, base) for name, rounds_ in raw.items()]
     best = recommend(results)
     env, run_id = environment(), run_id or records.new_run_id()
-    return [records.make_record("ort_tuning", run_id, env, model=case.model, height=case.height, width=case.width,
-                                batch=case.batch, rounds=rounds, repeats=repeats, recommended=r["variant"] in best,
+    return [records.make_record("ort_tuning", run_id, env, model=case.model, component=component, rows=rows,
+                                height=case.height, width=case.width, batch=case.batch, rounds=rounds,
+                                repeats=repeats, recommended=r["variant"] in best,
                                 description=BY_NAME[r["variant"]].description, **r) for r in results]
 
 
 def render_table(lines: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: one table per (model, size, batch) of the latest run of each, best variant first."""
+    """Markdown: one table per (model, component, size, batch), of the latest run of each, best variant first."""
     from sdexport.bench.report import table
 
     tuning = [r for r in lines if r["kind"] == "ort_tuning"]
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in tuning:
-        groups.setdefault((r["model"], r["height"], r["width"], r["batch"]), []).append(r)
+        key = (r["model"], r.get("component", "unet"), r["height"], r["width"], r["batch"], r.get("rows"))
+        groups.setdefault(key, []).append(r)
     out = []
-    for (model, height, width, batch), group in groups.items():
+    for (model, component, height, width, batch, rows_), group in groups.items():
         run = max(group, key=lambda r: r["time"])["run_id"]
         rows = sorted((r for r in group if r["run_id"] == run),
                       key=lambda r: -(r.get("speedup_vs_baseline") or 0) if r["status"] == "ok" else 1)
         first = rows[0]
-        out += [f"### {model} UNet, {height}x{width}, batch {batch} ({2 * batch} rows with CFG)", "",
+        out += [f"### {model} {component}, {height}x{width}, batch {batch} ({rows_ or 2 * batch} rows)", "",
                 f"{first['rounds']} rounds x {first['repeats']} runs per variant, each variant in a fresh process, "
                 f"rounds in rotating order; run {run}", ""]
         body = []
@@ -212,7 +216,7 @@ def render_table(lines: Sequence[Mapping[str, Any]]) -> str:
                          f"{run_s['median'] * 1e3:.1f} ({run_s['p25'] * 1e3:.1f}-{run_s['p75'] * 1e3:.1f})",
                          f"{r.get('speedup_vs_baseline') or 0:.2f}x", f"{r['peak_rss_mib']:.0f}",
                          f"{r['create_s']:.2f}", f"{r['first_s'] * 1e3:.0f}", "yes" if r["recommended"] else ""])
-        out += [table(body, ("variant", "setting", "UNet ms (IQR)", "speed-up vs baseline", "peak RSS MiB",
+        out += [table(body, ("variant", "setting", "run ms (IQR)", "speed-up vs baseline", "peak RSS MiB",
                              "session s", "first run ms", "better")), ""]
     return "\n".join(out)
 
