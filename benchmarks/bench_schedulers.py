@@ -29,24 +29,9 @@ import torch
 
 from sdexport.runtime.schedulers import load_scheduler
 from sdexport.runtime.schedulers.registry import resolve_name
+from sdexport.specs import PRESETS
 
-SDXL = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
+SDXL = dict(PRESETS["sdxl"].configs()["scheduler"])  # the shipped scheduler_config.json
 SCHEDULERS = [
     "ddpm",
     "ddim",

@@ -26,36 +26,10 @@ from diffusers import (  # noqa: E402
 
 from sdexport.runtime.schedulers import SchedulerConfigError, load_scheduler  # noqa: E402
 from sdexport.runtime.schedulers.registry import resolve_name  # noqa: E402
+from sdexport.specs import PRESETS  # noqa: E402
 
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
-SDXL = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
+SD15 = dict(PRESETS["sd15"].configs()["scheduler"])  # the shipped scheduler_config.json
+SDXL = dict(PRESETS["sdxl"].configs()["scheduler"])  # the shipped scheduler_config.json
 ZSNR = {
     **SD15,
     "prediction_type": "v_prediction",

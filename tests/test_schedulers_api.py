@@ -19,19 +19,9 @@ from sdexport.runtime.schedulers import (
     load_scheduler,
     scheduler_names,
 )
+from sdexport.specs import PRESETS
 
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
+SD15 = dict(PRESETS["sd15"].configs()["scheduler"])  # the shipped scheduler_config.json
 ALIASES = [
     "ddpm",
     "ddim",
