@@ -22,7 +22,7 @@ def test_every_variant_changes_one_thing() -> None:
     assert session_options(BY_NAME["opt_basic"]).graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     parallel = session_options(BY_NAME["parallel_inter_2"])
     assert parallel.execution_mode == ort.ExecutionMode.ORT_PARALLEL and parallel.inter_op_num_threads == 2
-    assert session_options(BY_NAME["no_arena"]).enable_cpu_mem_arena is False
+    assert session_options(BY_NAME["arena"]).enable_cpu_mem_arena is True
     assert session_options(BY_NAME["no_mem_pattern"]).enable_mem_pattern is False
     spin = session_options(BY_NAME["no_spinning"])
     assert spin.get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -57,7 +57,7 @@ def test_io_binding_matches_plain_run(matmul_graph: Path) -> None:
     np.testing.assert_array_equal(bound()[0], plain)  # the binding is reusable run after run
 
 
-@pytest.mark.parametrize("name", ["baseline", "io_binding", "opt_disable", "no_arena"])
+@pytest.mark.parametrize("name", ["baseline", "io_binding", "opt_disable", "arena"])
 def test_measure_variant(matmul_graph: Path, name: str) -> None:
     feeds = {"x": np.ones((2, 32), np.float32)}
     result = measure_variant(BY_NAME[name], matmul_graph, feeds, repeats=3)
@@ -72,7 +72,7 @@ def _rounds(times: list[float], rss: float = 100.0) -> list[dict[str, Any]]:
 def test_combine_and_recommend() -> None:
     base = combine("baseline", _rounds([1.0, 1.0, 1.1, 0.9]), None)
     fast = combine("intra_1", _rounds([0.5, 0.52, 0.48, 0.5], 90.0), base)
-    noisy = combine("no_arena", _rounds([0.2, 2.0, 0.3, 1.8]), base)
+    noisy = combine("arena", _rounds([0.2, 2.0, 0.3, 1.8]), base)
     slow = combine("opt_disable", _rounds([2.0, 2.1]), base)
     failed = combine("io_binding", [{"error": "boom"}], base)
     assert fast["speedup_vs_baseline"] == pytest.approx(2.0) and fast["rss_vs_baseline"] == pytest.approx(0.9)

@@ -42,7 +42,7 @@ def _cores() -> int:
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("baseline", "sdexport defaults: ORT_ENABLE_ALL, intra-op threads = cores, inter-op 1, sequential, "
-            "arena and memory pattern on"),
+            "no memory arena, memory pattern on"),
     Variant("intra_1", "intra_op_num_threads=1", {"intra_op_num_threads": 1}),
     Variant("intra_0", "intra_op_num_threads=0 (ONNX Runtime picks: physical cores)", {"intra_op_num_threads": 0}),
     Variant("no_spinning", "session.intra_op.allow_spinning=0 (threads sleep instead of spin-waiting)",
@@ -53,7 +53,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("opt_basic", "graph_optimization_level=ORT_ENABLE_BASIC", {"graph_optimization_level": "ORT_ENABLE_BASIC"}),
     Variant("opt_extended", "graph_optimization_level=ORT_ENABLE_EXTENDED (no NCHWc layout)",
             {"graph_optimization_level": "ORT_ENABLE_EXTENDED"}),
-    Variant("no_arena", "enable_cpu_mem_arena=False", {"enable_cpu_mem_arena": False}),
+    Variant("arena", "enable_cpu_mem_arena=True", {"enable_cpu_mem_arena": True}),
     Variant("no_mem_pattern", "enable_mem_pattern=False", {"enable_mem_pattern": False}),
     Variant("denormal_zero", "session.set_denormal_as_zero=1", config={"session.set_denormal_as_zero": "1"}),
     Variant("io_binding", "run_with_iobinding: inputs bound once as OrtValues, output allocated by ORT",
