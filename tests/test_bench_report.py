@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sdexport.bench import records
 from sdexport.bench.chart import COLORS, bars, render_png
 from sdexport.bench.publish import END, START, latest, publish, replace_section
-from sdexport.bench.report import COLUMNS, goals, render, row
+from sdexport.bench.report import COLUMNS, best_sgemm, goals, rebase, render, row
 from sdexport.bench.stats import summarize
 
 ENV = {"cpu": "test cpu", "cores": 2, "versions": {"numpy": "2"}, "cpu_flags": ["avx2"], "memory_mib": 1024}
@@ -99,6 +100,19 @@ def test_latest_keeps_each_suites_newest_run() -> None:
     kept = latest([old, new, other, sg1, sg2])
     assert new in kept and other in kept and old not in kept
     assert [r for r in kept if r["kind"] == "sgemm"] == [sg2]
+
+
+def test_rebase_uses_the_best_sgemm_ceiling() -> None:
+    backends = {"numpy": {"status": "ok", "gflops": 90.0}, "torch": {"status": "skipped", "reason": "absent"}}
+    slow = records.make_record("sgemm", "a", ENV, ceiling_gflops=100.0, ceiling_backend="numpy", backends=backends)
+    fast = records.make_record("sgemm", "b", ENV, ceiling_gflops=400.0, ceiling_backend="numpy", backends=backends)
+    rec = line("sdexport", 1.0, unet_gflops_per_s=300.0, unet_pct_of_sgemm=3.0)
+    rebased = rebase([slow, rec, fast])
+    assert rebased[1]["metrics"]["unet_pct_of_sgemm"] == pytest.approx(0.75)
+    assert rec["metrics"]["unet_pct_of_sgemm"] == 3.0  # the input is not modified
+    assert best_sgemm([slow, fast]) is fast and best_sgemm([]) is None
+    text = render([slow, rec, fast])
+    assert "**400 GFLOP/s**" in text and "75%" in text and "torch (absent)" in text
 
 
 def test_replace_section_and_publish(tmp_path: Path) -> None:

@@ -10,14 +10,14 @@ from typing import Any
 
 from sdexport.bench import records
 from sdexport.bench.chart import render_png
-from sdexport.bench.report import render
+from sdexport.bench.report import best_sgemm, render
 
 START, END = "<!-- bench:latest:start -->", "<!-- bench:latest:end -->"
 
 
 def latest(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Of each suite, only its most recent run's lines (a suite run later replaces it whole, so ratios always
-    compare systems measured side by side); plus the most recent sgemm line and the flops lines of kept runs."""
+    compare systems measured side by side); plus the best sgemm line and the flops lines of kept runs."""
     newest_run: dict[str, tuple[str, str]] = {}
     for line in lines:
         if line["kind"] == "latency":
@@ -27,8 +27,8 @@ def latest(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     keep = {(suite, run) for suite, (_, run) in newest_run.items()}
     out = [line for line in lines if line["kind"] in ("latency", "flops") and (line.get("suite"), line["run_id"])
            in keep]
-    sgemm = [line for line in lines if line["kind"] == "sgemm"]
-    return ([max(sgemm, key=lambda r: r["time"])] if sgemm else []) + out
+    best = best_sgemm(lines)
+    return ([best] if best else []) + out
 
 
 def replace_section(text: str, body: str) -> str:
