@@ -222,11 +222,11 @@ def render_table(lines: Sequence[Mapping[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Child entry: measure one variant and print its JSON."""
+    """Child entry: measure one variant and write its JSON to stdout, the channel the parent reads."""
     name, graph, feeds_path, repeats = argv
     with np.load(feeds_path) as data:
         feeds = {k: data[k] for k in data.files}
-    print(json.dumps(measure_variant(BY_NAME[name], Path(graph), feeds, int(repeats))))
+    sys.stdout.write(json.dumps(measure_variant(BY_NAME[name], Path(graph), feeds, int(repeats))) + "\n")
     return 0
 
 

@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--backends", default=",".join(BACKENDS))
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(json.dumps(measure(args.backends.split(","), sizes, args.repeats)))
+    sys.stdout.write(json.dumps(measure(args.backends.split(","), sizes, args.repeats)) + "\n")
     return 0
 
 

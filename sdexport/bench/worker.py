@@ -33,8 +33,9 @@ def describe_error(exc: BaseException) -> str:
 
 
 def emit(payload: dict[str, Any]) -> None:
-    """Print one result line for the runner."""
-    print(PREFIX + json.dumps(payload, allow_nan=False), flush=True)
+    """Write one result line to stdout, the channel the runner reads (this runs in the child process)."""
+    sys.stdout.write(PREFIX + json.dumps(payload, allow_nan=False) + "\n")
+    sys.stdout.flush()
 
 
 def measure_case(runner: Any, case: Case, latents: np.ndarray, warmups: int, repeats: int,

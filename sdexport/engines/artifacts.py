@@ -152,15 +152,30 @@ def verify_files(folder: Path, files: dict[str, dict[str, Any]], hashes: bool = 
             raise ArtifactError(f"{path} does not match its sha256 in the manifest: edited or corrupted; rebuild")
 
 
-def load_manifest(folder: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
-    """Read and (by default) fully verify a compiled folder; returns the manifest."""
+def check_no_strays(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every file next to a component's graph must be one the manifest vouches for (no unverified weights)."""
+    root = folder.resolve()
+    files = manifest.get("files", {})
+    for name, record in manifest.get("components", {}).items():
+        graph = check_inside(folder, record["graph"])
+        for path in graph.parent.iterdir():
+            if path.is_file() and str(path.relative_to(root)) not in files:
+                raise ArtifactError(f"{name}: {path} is not listed in the manifest; remove it or rebuild the folder")
+
+
+def load_manifest(folder: str | os.PathLike[str], verify: bool = True, inspect_graphs: bool = True
+                  ) -> dict[str, Any]:
+    """Read and verify a compiled folder (sizes always, sha256 when ``verify``); returns the manifest.
+
+    ``inspect_graphs`` also reads each graph's external-data references (needs the onnx package; the serving
+    runtime, which must not import it, adds ``check_no_strays`` instead).
+    """
     root = Path(folder)
     manifest = read_manifest(root)
     verify_files(root, manifest.get("files", {}), hashes=verify)
-    for name, comp in manifest.get("components", {}).items():
-        graph = check_inside(root, comp["graph"])
-        if verify:
-            for location in external_data_locations(graph):
+    if verify and inspect_graphs:
+        for name, comp in manifest.get("components", {}).items():
+            for location in external_data_locations(check_inside(root, comp["graph"])):
                 rel = str(Path(comp["graph"]).parent / location)
                 check_inside(root, rel)
                 if rel not in manifest["files"]:

@@ -20,19 +20,3 @@ class Engine(Protocol):
         """Run once; every declared input must be present, every declared output is returned."""
         ...
 
-
-def check_feeds(engine: Engine, feeds: Mapping[str, Any], profile: Mapping[str, Mapping[str, list[int]]]) -> None:
-    """Raise ValueError naming the input when a feed is missing or its shape falls outside the profile."""
-    for tensor in engine.inputs:
-        if tensor.name not in feeds:
-            raise ValueError(f"{engine.name}: missing input {tensor.name!r}")
-        shape = tuple(feeds[tensor.name].shape)
-        rng = profile.get(tensor.name)
-        if rng is None:
-            continue
-        lo, hi = rng["min"], rng["max"]
-        if len(shape) != len(lo) or any(not (a <= s <= b) for s, a, b in zip(shape, lo, hi, strict=True)):
-            raise ValueError(
-                f"{engine.name}: input {tensor.name!r} has shape {list(shape)}; this folder was built for "
-                f"shapes from {lo} to {hi}"
-            )

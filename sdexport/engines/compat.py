@@ -29,7 +29,7 @@ _SMI_FIELDS = "index,name,compute_cap,memory.total,driver_version,uuid"
 
 # A child process that asks the CUDA driver (libcuda) for its devices with ctypes; used when nvidia-smi is absent.
 _CUDA_DRIVER_PROBE = r"""
-import ctypes, json
+import ctypes, json, sys
 lib = ctypes.CDLL("libcuda.so.1")
 if lib.cuInit(0) != 0:
     raise SystemExit("cuInit failed: no usable NVIDIA driver / device")
@@ -44,9 +44,9 @@ for i in range(count.value):
     lib.cuDeviceTotalMem_v2(ctypes.byref(mem), dev)
     out.append({"index": i, "name": name.value.decode(), "compute_capability": f"{major.value}.{minor.value}",
                 "memory_mib": mem.value // 2**20})
-print(json.dumps({"gpus": out, "cuda": f"{version.value // 1000}.{version.value % 1000 // 10}"}))
+sys.stdout.write(json.dumps({"gpus": out, "cuda": f"{version.value // 1000}.{version.value % 1000 // 10}"}))
 """
-_TRT_PROBE = "import tensorrt, json; print(json.dumps({'version': tensorrt.__version__}))"
+_TRT_PROBE = "import tensorrt, json, sys; sys.stdout.write(json.dumps({'version': tensorrt.__version__}))"
 
 
 @dataclass(frozen=True)

@@ -66,20 +66,9 @@ def register_backend(name: str, factory: EngineFactory) -> None:
 
 
 def verify_folder(folder: Path, verify: bool = True) -> dict[str, Any]:
-    """Read the manifest and check every file's size (and sha256 when ``verify``), without importing onnx.
-
-    Besides the files the manifest lists, every file next to a component's graph must be one the manifest vouches
-    for, so ONNX Runtime cannot pick up unverified external weights.
-    """
-    manifest = artifacts.read_manifest(folder)
-    files = manifest.get("files", {})
-    artifacts.verify_files(folder, files, hashes=verify)
-    for name, record in manifest.get("components", {}).items():
-        graph = artifacts.check_inside(folder, record["graph"])
-        for path in graph.parent.iterdir():
-            relative = str(path.relative_to(folder.resolve()))
-            if path.is_file() and relative not in files:
-                raise ArtifactError(f"{name}: {path} is not listed in the manifest; remove it or rebuild the folder")
+    """Read and verify the manifest (sizes, sha256 when ``verify``, no stray files) without importing onnx."""
+    manifest = artifacts.load_manifest(folder, verify=verify, inspect_graphs=False)
+    artifacts.check_no_strays(Path(folder), manifest)
     return manifest
 
 

@@ -13,6 +13,15 @@ from .config import SchedulerConfigError, check_choice
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 """The beta schedules all the diffusers schedulers handled here accept; a few accept more."""
 
+BETA_DEFAULTS: Mapping[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+}
+"""The training-schedule keys and the defaults most diffusers scheduler classes share."""
+
 
 def _alpha_bar_fn(kind: str) -> Callable[[float], float]:
     if kind == "cosine":

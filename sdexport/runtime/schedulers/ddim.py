@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 from . import f32
 from .base import Entry, Schedule
+from .betas import BETA_DEFAULTS
 from .discrete import AlphaScheduler
 from .ops import Array
 from .prediction import AlphaParam
@@ -23,11 +24,7 @@ class DDIMScheduler(AlphaScheduler):
 
     class_name = "DDIMScheduler"
     defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "clip_sample": True,
         "set_alpha_to_one": True,
         "steps_offset": 0,

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 from . import f32
 from .base import Entry, Schedule
+from .betas import BETA_DEFAULTS
 from .config import check_choice
 from .discrete import AlphaScheduler
 from .ops import Array
@@ -24,11 +25,7 @@ class DDPMScheduler(AlphaScheduler):
 
     class_name = "DDPMScheduler"
     defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "variance_type": "fixed_small",
         "clip_sample": True,
         "prediction_type": "epsilon",

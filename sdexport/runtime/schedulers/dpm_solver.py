@@ -8,6 +8,7 @@ import numpy as np
 
 from . import f32
 from .base import Entry, Schedule
+from .betas import BETA_DEFAULTS
 from .config import SchedulerConfigError, check_choice
 from .multistep import (
     History,
@@ -80,11 +81,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
 
     class_name = "DPMSolverMultistepScheduler"
     defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "solver_order": 2,
         "prediction_type": "epsilon",
         "thresholding": False,

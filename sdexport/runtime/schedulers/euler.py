@@ -8,7 +8,7 @@ import numpy as np
 
 from . import f32
 from .base import Entry, Schedule
-from .betas import linspace32
+from .betas import BETA_DEFAULTS, linspace32
 from .config import check_choice
 from .ops import Array
 from .prediction import SigmaParam
@@ -25,11 +25,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
     class_name = "EulerDiscreteScheduler"
     defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "prediction_type": "epsilon",
         "interpolation_type": "linear",
         "use_karras_sigmas": False,

@@ -8,6 +8,7 @@ import numpy as np
 
 from . import f32
 from .base import Entry, Schedule
+from .betas import BETA_DEFAULTS
 from .ops import Array
 from .prediction import SigmaParam
 from .sigmas import SigmaScheduler, interp_sigmas
@@ -24,11 +25,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
 
     class_name = "EulerAncestralDiscreteScheduler"
     defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "prediction_type": "epsilon",
         "timestep_spacing": "linspace",
         "steps_offset": 0,

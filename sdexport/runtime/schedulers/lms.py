@@ -8,6 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .base import Entry, Schedule
+from .betas import BETA_DEFAULTS
 from .ops import Array
 from .prediction import SigmaParam
 from .sigmas import SigmaScheduler, interp_sigmas
@@ -46,11 +47,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
 
     class_name = "LMSDiscreteScheduler"
     defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "use_karras_sigmas": False,
         "use_exponential_sigmas": False,
         "use_beta_sigmas": False,

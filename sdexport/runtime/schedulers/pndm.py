@@ -9,6 +9,7 @@ import numpy as np
 
 from . import f32
 from .base import Entry, Schedule
+from .betas import BETA_DEFAULTS
 from .config import SchedulerConfigError
 from .discrete import AlphaScheduler
 from .ops import Array
@@ -37,11 +38,7 @@ class PNDMScheduler(AlphaScheduler):
 
     class_name = "PNDMScheduler"
     defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "skip_prk_steps": False,
         "set_alpha_to_one": False,
         "prediction_type": "epsilon",

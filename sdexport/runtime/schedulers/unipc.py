@@ -8,6 +8,7 @@ import numpy as np
 
 from . import f32
 from .base import Entry, Schedule
+from .betas import BETA_DEFAULTS
 from .config import check_choice
 from .multistep import History, MultistepScheduler, alpha_sigma, level, log_snr, require_finite
 from .ops import Array
@@ -50,11 +51,7 @@ class UniPCMultistepScheduler(MultistepScheduler):
 
     class_name = "UniPCMultistepScheduler"
     defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "solver_order": 2,
         "prediction_type": "epsilon",
         "thresholding": False,
