@@ -243,20 +243,14 @@ def test_one_step_is_finite_and_float32(name, config):
 
 
 def test_ddim_eta_one_at_zero_terminal_snr_stays_finite():
-    # diffusers returns NaN here (sqrt of 1 - a_prev - std^2 < 0 after float32 rounding); the exact value is 0
-    diffusers = pytest.importorskip("diffusers")
-    torch = pytest.importorskip("torch")
+    # The direction coefficient is sqrt(1 - a_prev - std^2), exactly 0 here; in float32 the difference can round
+    # below zero (diffusers then returns NaN on some CPUs, depending on torch's rounding): ours clamps it to 0.
     config = {
         **SD15,
         "timestep_spacing": "trailing",
         "rescale_betas_zero_snr": True,
         "prediction_type": "v_prediction",
     }
-    ref = diffusers.DDIMScheduler.from_config(config)
-    ref.set_timesteps(10)
-    x = torch.ones(SHAPE)
-    out = ref.step(torch.zeros(SHAPE), ref.timesteps[0], x, eta=1.0, variance_noise=torch.zeros(SHAPE))
-    assert not torch.isfinite(out.prev_sample).all()
     assert all(np.isfinite(x).all() for x in _run(load_scheduler(config, "ddim").plan(10, eta=1.0)))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from test_tensorrt_fake import NP, FakeTrt, Strict
 
 
@@ -251,3 +252,68 @@ def test_fake_cuda_copies_and_frees() -> None:
     assert np.array_equal(_read(ptr, (6,), np.dtype(np.float32)), data)
     cuda.free(ptr)
     assert not cuda.buffers
+
+
+class StrictArrays:
+    """Device arrays for the fake CUDA: array-api-strict arrays on its non-CPU device "device1".
+
+    They refuse any implicit conversion to numpy (so code under test cannot copy them to the host unnoticed), while
+    their storage is host memory like FakeCuda's, so engines read and write them by address. ``puts`` / ``gets``
+    count the explicit transfers.
+    """
+
+    name = "strict-device"
+    synchronous = False
+
+    def __init__(self) -> None:
+        import array_api_strict
+
+        self.xp = array_api_strict
+        self.device = array_api_strict.Device("device1")
+        self.puts = 0
+        self.gets = 0
+
+    def put(self, host: np.ndarray) -> Any:
+        self.puts += 1
+        return self.xp.asarray(np.array(host, copy=True, order="C"), device=self.device)
+
+    def get(self, array: Any) -> np.ndarray:
+        self.gets += 1
+        return np.array(self._storage(array), copy=True)
+
+    def owns(self, value: Any) -> bool:
+        from array_api_strict._array_object import Array
+
+        return isinstance(value, Array)
+
+    def scope(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        return self.xp.asarray(np.empty(shape, dtype=dtype), device=self.device)
+
+    def pointer(self, array: Any) -> int:
+        storage = self._storage(array)
+        if not storage.flags.c_contiguous:
+            raise ValueError("device inputs must be C-contiguous")
+        return storage.ctypes.data
+
+    def dtype(self, array: Any) -> np.dtype:
+        return self._storage(array).dtype
+
+    def _storage(self, array: Any) -> np.ndarray:
+        assert array.device == self.device, f"array on {array.device}, expected {self.device}"
+        return array._array  # the fake's "device memory": array-api-strict keeps a numpy array inside
+
+
+def test_strict_arrays_refuse_implicit_host_copies() -> None:
+    arrays = StrictArrays()
+    x = arrays.put(np.arange(6, dtype=np.float32).reshape(2, 3))
+    with pytest.raises((RuntimeError, TypeError)):
+        np.asarray(x)
+    y = arrays.xp.concat([x, x * 2.0])
+    assert arrays.owns(y) and y.device == arrays.device
+    np.testing.assert_array_equal(arrays.get(y)[2:], np.arange(6).reshape(2, 3) * 2)
+    assert arrays.pointer(y) == arrays._storage(y).ctypes.data

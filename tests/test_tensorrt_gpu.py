@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from sdexport.engines import compat
-from sdexport.engines.artifacts import load_manifest
+from sdexport.engines.artifacts import load_manifest, write_manifest
 from sdexport.engines.lora import LoraSwapper, ort_session
 from sdexport.engines.trt_build import TrtOptions, build_engines
 from sdexport.engines.trt_profiles import Bucket
@@ -47,7 +47,8 @@ def built(gpu: compat.Environment, tmp_path_factory: pytest.TempPathFactory) -> 
     options = TrtOptions(shapes="both", buckets=(Bucket(64, 64),), refittable=True, components=COMPONENTS,
                          timing_cache=folder.parent / "timing.cache")
     out = build_engines(folder, manifest, options, env=gpu)
-    manifest = dict(manifest, engines=out["engines"])
+    manifest = dict(manifest, engines=out["engines"], files={**manifest["files"], **out["files"]})
+    write_manifest(folder, manifest)  # as `sdexport build --backend tensorrt` does
     return {"folder": folder, "manifest": manifest, "spec": ModelSpec.from_dict(manifest["model"]),
             "components": load_components(folder, manifest, env=gpu)}
 
@@ -123,3 +124,35 @@ def test_refit_round_trip_a_b_a_and_back_to_base(built: dict[str, Any], tmp_path
     assert np.abs(b - a).max() > 10 * tol.atol
     np.testing.assert_allclose(swap([(tmp_path / "a.safetensors", 1.0)]), a, atol=1e-3, rtol=0)
     np.testing.assert_allclose(swap([]), base, atol=1e-3, rtol=0)
+
+
+def _pipeline(built: dict[str, Any], **engine_options: Any) -> Any:
+    """The folder's Pipeline with the UNet and VAE decoder on TensorRT (text encoder and VAE encoder on ORT CPU)."""
+    from sdexport.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(built["folder"])
+    engines = Worker(built["components"]).engines(**engine_options)
+    for name in ("unet", "vae_decoder"):
+        pipe.replace_engine(name, engines[name])
+    return pipe
+
+
+def test_denoising_loop_runs_on_cupy_arrays_and_matches_the_host_loop(built: dict[str, Any]) -> None:
+    pytest.importorskip("cupy", reason="CuPy is not installed (pip install 'sdexport[gpu]')")
+    from sdexport.engines.arrays import HOST, CupyArrays
+
+    device = _pipeline(built, cuda_graphs=True)
+    host_loop = _pipeline(built, cuda_graphs=True, device_loop=False)
+    assert isinstance(device.arrays, CupyArrays) and host_loop.arrays is HOST
+    kinds = []
+    kwargs = {"height": 64, "width": 64, "seed": 2, "num_inference_steps": 6, "scheduler": "euler_a",
+              "guidance_rescale": 0.5, "output_type": "latent"}
+    got = device("a red cube", callback=lambda i, n, t, x: kinds.append(type(x).__module__.split(".")[0]),
+                 **kwargs).images
+    assert set(kinds) == {"cupy"}
+    want = host_loop("a red cube", **kwargs).images
+    # Same engines; only the loop's float32 elementwise arithmetic differs (CuPy kernels may fuse multiply-adds).
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    images = device("a red cube", **dict(kwargs, output_type="np")).images
+    reference = host_loop("a red cube", **dict(kwargs, output_type="np")).images
+    assert np.abs(images.astype(int) - reference.astype(int)).max() <= 1

@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 from safetensors.numpy import save_file
 from test_tensorrt_fake import NEWEST, copied_folder, fake_build_target, install
-from test_tensorrt_fake_runtime import FakeCuda
+from test_tensorrt_fake_runtime import FakeCuda, StrictArrays
 
 from sdexport.engines import compat, trt_runtime
-from sdexport.engines.artifacts import load_manifest
+from sdexport.engines.artifacts import load_manifest, write_manifest
 from sdexport.engines.compat import Environment, GpuInfo
 from sdexport.engines.lora import LoraSwapper, ort_session
 from sdexport.engines.trt_build import TrtOptions, build_engines
@@ -38,8 +38,9 @@ def built(tiny_folder: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     options = TrtOptions(refittable=True, components=("unet", "vae_decoder"),
                          buckets=(Bucket(64, 64), Bucket(96, 64)), timing_cache=folder / ".timing")
     out = build_engines(folder, manifest, options, None, ENV, fake_build_target)
-    return {"folder": folder, "manifest": dict(manifest, engines=out["engines"]),
-            "spec": ModelSpec.from_dict(manifest["model"])}
+    manifest = dict(manifest, engines=out["engines"], files={**manifest["files"], **out["files"]})
+    write_manifest(folder, manifest)  # as `sdexport build --backend tensorrt` does
+    return {"folder": folder, "manifest": manifest, "spec": ModelSpec.from_dict(manifest["model"])}
 
 
 @pytest.fixture
@@ -111,20 +112,33 @@ def test_cuda_graph_is_recorded_on_the_second_run_replayed_and_rerecorded_after_
     assert cuda.calls["destroy_graph"] == 1 and cuda.calls["capture"] == 2
 
 
-def test_device_arrays_in_and_out_stay_on_the_device(built: dict[str, Any], fakes: Any) -> None:
+def test_device_arrays_in_and_out_stay_on_the_device(built: dict[str, Any], fakes: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     _, cuda = fakes
-    _, engines = _open(built, cuda, cuda_graphs=False, device_outputs=True)
+    arrays = StrictArrays()
+    monkeypatch.setattr(trt_runtime, "device_arrays", lambda worker: arrays)
+    _, engines = _open(built, cuda, cuda_graphs=False)
+    assert engines["unet"].array_device is arrays
+    assert _open(built, cuda, device_loop=False)[1]["unet"].array_device is None
     feeds = _feeds(built, 0)
-    latent = engines["unet"].run(feeds)["out_sample"]
-    assert isinstance(latent, DeviceArray) and latent.shape == (2, 4, 8, 8)
-    assert latent.__cuda_array_interface__["typestr"] == "<f4"
-    copies = cuda.calls["dtoh"]
+    assert isinstance(engines["unet"].run(feeds)["out_sample"], np.ndarray)  # numpy in, numpy out
+    before = dict(cuda.calls)
+    latent = engines["unet"].run({k: arrays.put(v) for k, v in feeds.items()})["out_sample"]
+    assert arrays.owns(latent) and latent.shape == (2, 4, 8, 8) and latent.dtype == arrays.xp.float32
     image = engines["vae_decoder"].run({"latent": latent})["image"]
-    assert cuda.calls["dtod"] == 1 and cuda.calls["dtoh"] == copies == 0  # no host round trip
-    host = np.empty(image.shape, image.dtype)
-    cuda.copy(host.ctypes.data, image.ptr, image.nbytes, "dtoh", 0)
+    assert arrays.owns(image)
+    moved = {k: cuda.calls[k] - before.get(k, 0) for k in ("htod", "dtoh", "dtod")}
+    assert moved == {"htod": 0, "dtoh": 0, "dtod": 5 + 1 + 1 + 1}  # unet 5 in, 1 out; decoder 1 in, 1 out: no host trip
     want = _ort(built, "vae_decoder", {"latent": _ort(built, "unet", feeds)})
-    np.testing.assert_allclose(host, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(arrays.get(image), want, rtol=0, atol=1e-5)
+    # the outputs are the caller's: running again does not overwrite them
+    kept = arrays.get(latent)
+    engines["unet"].run({k: arrays.put(v) for k, v in _feeds(built, 1).items()})
+    np.testing.assert_array_equal(arrays.get(latent), kept)
+    # any CUDA array (``__cuda_array_interface__``) is accepted as an input
+    raw = DeviceArray(arrays.pointer(latent), tuple(latent.shape), np.dtype(np.float32))
+    np.testing.assert_array_equal(arrays.get(engines["vae_decoder"].run({"latent": raw})["image"]),
+                                  arrays.get(image))
 
 
 def test_least_recently_used_shapes_are_released(built: dict[str, Any], fakes: Any,
@@ -212,8 +226,6 @@ def test_backend_factory_shares_one_session_and_worker_per_folder(built: dict[st
     import shutil
     from types import SimpleNamespace
 
-    from sdexport.engines.artifacts import write_manifest
-
     trt, _ = fakes
     monkeypatch.setattr(trt_runtime, "_SESSIONS", {})
     monkeypatch.setattr(compat, "probe_environment", lambda: ENV)
@@ -289,3 +301,111 @@ def test_cuda_api_over_the_real_cuda_python() -> None:
         assert "cudaMalloc(256) failed: " in str(exc) and len(str(exc)) > len("cudaMalloc(256) failed: ")
     else:
         api.free(ptr)
+
+
+def _device_pipe(built: dict[str, Any], cuda: FakeCuda, arrays: StrictArrays, decoder: bool = True) -> Any:
+    """The folder's Pipeline on ONNX Runtime, with the UNet (and VAE decoder) swapped for fake TensorRT engines."""
+    from sdexport.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(built["folder"], verify=False)
+    _, engines = _open(built, cuda, cuda_graphs=True)
+    for name in ("unet", "vae_decoder") if decoder else ("unet",):
+        pipe.replace_engine(name, engines[name])
+    assert pipe.arrays is arrays
+    return pipe
+
+
+LOOP_CASES = {
+    "txt2img-euler_a-rescale": dict(scheduler="euler_a", guidance_rescale=0.7),
+    "inpaint-dpmpp_2m_sde": dict(scheduler="dpmpp_2m_sde", strength=0.8, inpaint=True),
+    "img2img-unipc-batch": dict(scheduler="unipc", strength=0.6, image=True, num_images_per_prompt=2),
+}
+
+
+@pytest.mark.parametrize("case", list(LOOP_CASES))
+def test_denoising_loop_on_device_arrays_matches_the_host_loop(built: dict[str, Any], fakes: Any, case: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from sdexport.runtime.pipeline import Pipeline
+
+    _, cuda = fakes
+    arrays = StrictArrays()
+    monkeypatch.setattr(trt_runtime, "device_arrays", lambda worker: arrays)
+    options = dict(LOOP_CASES[case])
+    kwargs: dict[str, Any] = {"scheduler": options.pop("scheduler"), "height": 64, "width": 64, "seed": 3,
+                              "guidance_scale": 5.0, "output_type": "latent"}
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    if options.pop("image", False):
+        kwargs["image"] = picture
+    if options.pop("inpaint", False):
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[16:48, 8:40] = 255
+        kwargs.update(image=picture, mask_image=Image.fromarray(mask))
+    kwargs.update(options)
+    host = Pipeline.load(built["folder"], verify=False)("a red cube", num_inference_steps=4, **kwargs)
+    pipe = _device_pipe(built, cuda, arrays)
+    device = pipe("a red cube", num_inference_steps=4, **kwargs)
+    # Same graphs, same float32 arithmetic (array-api-strict computes with numpy): equal up to summation order.
+    np.testing.assert_allclose(device.images, host.images, rtol=0, atol=1e-6)
+    # Host transfers are per request, not per step: the same with 4 and with 8 steps.
+    moved = []
+    for steps in (4, 8):
+        before = (arrays.puts, arrays.gets, cuda.calls["htod"], cuda.calls["dtoh"])
+        pipe("a red cube", num_inference_steps=steps, **kwargs)
+        moved.append(tuple(b - a for a, b in zip(before, (arrays.puts, arrays.gets, cuda.calls["htod"],
+                                                          cuda.calls["dtoh"]), strict=True)))
+    assert moved[0] == moved[1]
+    assert moved[0][2:] == (0, 0)  # the TensorRT engines only ever saw device arrays
+
+
+def test_device_loop_decodes_through_a_host_decoder_and_streams_device_latents(
+        built: dict[str, Any], fakes: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdexport.runtime.pipeline import Pipeline
+    from sdexport.runtime.result import GenerationCancelled
+
+    _, cuda = fakes
+    arrays = StrictArrays()
+    monkeypatch.setattr(trt_runtime, "device_arrays", lambda worker: arrays)
+    kwargs = {"height": 64, "width": 64, "seed": 5, "num_inference_steps": 3, "output_type": "np"}
+    host = Pipeline.load(built["folder"], verify=False)("a blue ball", **kwargs)
+    pipe = _device_pipe(built, cuda, arrays, decoder=False)  # UNet on the device, VAE decoder on ONNX Runtime
+    np.testing.assert_array_equal(pipe("a blue ball", **kwargs).images, host.images)
+    seen = []
+
+    def stop_after_two(step: int, total: int, timestep: float, latents: Any) -> bool:
+        seen.append(arrays.owns(latents))
+        return step < 1
+
+    with pytest.raises(GenerationCancelled) as info:
+        pipe("a blue ball", callback=stop_after_two, **kwargs)
+    assert seen == [True, True] and isinstance(info.value.partial.images, np.ndarray)
+
+
+def test_device_loop_names_the_first_non_finite_step(built: dict[str, Any], fakes: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdexport.runtime.result import NonFiniteError
+
+    _, cuda = fakes
+    arrays = StrictArrays()
+    monkeypatch.setattr(trt_runtime, "device_arrays", lambda worker: arrays)
+    pipe = _device_pipe(built, cuda, arrays)
+    unet = pipe.engines["unet"]
+
+    class PoisonedAtStep2:
+        """The device UNet, returning NaN on its second call (checked without a host read per step)."""
+
+        def __init__(self) -> None:
+            self.name, self.inputs, self.outputs, self.array_device = unet.name, unet.inputs, unet.outputs, arrays
+            self.calls = 0
+
+        def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+            self.calls += 1
+            out = unet.run(feeds)
+            return {"out_sample": out["out_sample"] * float("nan")} if self.calls == 2 else out
+
+    pipe.replace_engine("unet", PoisonedAtStep2())
+    gets = arrays.gets
+    with pytest.raises(NonFiniteError, match="unet at step 2 "):
+        pipe("a green cone", height=64, width=64, seed=1, num_inference_steps=5)
+    assert arrays.gets == gets + 1  # one read of all the checks, after the loop

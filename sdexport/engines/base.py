@@ -10,7 +10,11 @@ from sdexport.specs import TensorSpec
 
 @runtime_checkable
 class Engine(Protocol):
-    """One compiled component. ``run`` takes and returns arrays keyed by the spec's tensor names."""
+    """One compiled component. ``run`` takes and returns arrays keyed by the spec's tensor names.
+
+    Host engines take and return numpy arrays. A device engine may also have an ``array_device`` attribute (a
+    ``sdexport.engines.arrays.Arrays``): given arrays of that library it returns arrays of it, on the device.
+    """
 
     name: str
     inputs: tuple[TensorSpec, ...]

@@ -1,7 +1,8 @@
 """TensorRT execution behind the Engine protocol: per-worker stream and scratch memory, per-shape buffers, CUDA graphs.
 
 Each input shape gets its own execution context and device buffers (allocated once), CUDA graphs replay static
-shapes, and device arrays go in and out without host round trips.
+shapes, and device arrays (CuPy, on the worker's stream) go in and out without host round trips, so the runtime's
+denoising loop runs on the GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sdexport.engines import compat, tensorrt
+from sdexport.engines.arrays import DeviceArrays, cupy_arrays
 from sdexport.engines.artifacts import check_inside, read_manifest
 from sdexport.engines.trt_cuda import CudaApi, DeviceArray, cuda_api, device_pointer
 from sdexport.engines.trt_profiles import ProfileSpec, select_profile
@@ -96,9 +98,15 @@ class _Binding:
     graph_version: int = -1
 
 
+def device_arrays(worker: Worker) -> DeviceArrays | None:
+    """The array library the worker's engines exchange device arrays in: CuPy on the worker's stream, if installed."""
+    return cupy_arrays(int(worker.stream), worker.device)
+
+
 @dataclass
 class Worker:
-    """One concurrent worker: a CUDA stream and one scratch allocation shared by all its engines' contexts.
+    """One concurrent worker: a CUDA stream, one scratch allocation shared by all its engines' contexts, and the
+    device arrays (CuPy on that stream) its engines take and return.
 
     Contexts of one worker run one after another on its stream, so they can share the scratch memory; run
     concurrent requests on separate workers.
@@ -106,9 +114,12 @@ class Worker:
 
     components: Mapping[str, TrtComponent]
     cuda: CudaApi | None = None
+    device: int = 0
     stream: Any = None
     scratch: int = 0
     scratch_bytes: int = 0
+    _arrays: DeviceArrays | None = None
+    _arrays_made: bool = False
 
     def __post_init__(self) -> None:
         self.cuda = self.cuda or cuda_api()
@@ -116,9 +127,16 @@ class Worker:
         self.scratch_bytes = max((int(c.engine.device_memory_size_v2) for c in self.components.values()), default=0)
         self.scratch = self.cuda.malloc(self.scratch_bytes)
 
-    def engines(self, cuda_graphs: bool = True, device_outputs: bool = False) -> dict[str, TensorRTEngine]:
+    @property
+    def arrays(self) -> DeviceArrays | None:
+        """This worker's device arrays (made on first use), or None without CuPy."""
+        if not self._arrays_made:
+            self._arrays, self._arrays_made = device_arrays(self), True
+        return self._arrays
+
+    def engines(self, cuda_graphs: bool = True, device_loop: bool = True) -> dict[str, TensorRTEngine]:
         """One TensorRTEngine per component, all on this worker's stream and scratch memory."""
-        return {n: TensorRTEngine(c, self, cuda_graphs, device_outputs) for n, c in self.components.items()}
+        return {n: TensorRTEngine(c, self, cuda_graphs, device_loop) for n, c in self.components.items()}
 
     def synchronize(self) -> None:
         """Wait for everything queued on this worker's stream."""
@@ -134,21 +152,27 @@ class Worker:
 class TensorRTEngine:
     """A TensorRT engine behind the Engine protocol.
 
-    ``run`` accepts numpy arrays or CUDA arrays (``__cuda_array_interface__``). With ``device_outputs`` it
-    returns DeviceArrays that stay valid until this engine next runs with the same input shapes, so a denoising
-    loop never copies through the host; otherwise it returns numpy arrays.
+    ``run`` accepts numpy arrays, the worker's device arrays (CuPy) or any CUDA array (``__cuda_array_interface__``).
+    Outputs live where the inputs do: numpy for numpy inputs; new device arrays of ``array_device`` when any input is
+    on the device (copied on the GPU from the engine's buffers, so they stay valid after the next run).
+    ``device_loop=False`` sets ``array_device`` to None, so the runtime keeps its loop on the host.
     """
 
     def __init__(self, component: TrtComponent, worker: Worker, cuda_graphs: bool = True,
-                 device_outputs: bool = False) -> None:
+                 device_loop: bool = True) -> None:
         self.component = component
         self.worker = worker
         self.name = component.name
         self.inputs = component.spec.inputs
         self.outputs = component.spec.outputs
         self.cuda_graphs = cuda_graphs
-        self.device_outputs = device_outputs
+        self.device_loop = device_loop
         self._bindings: OrderedDict[tuple[Any, ...], _Binding] = OrderedDict()
+
+    @property
+    def array_device(self) -> DeviceArrays | None:
+        """The device arrays this engine takes and returns (the worker's CuPy arrays), or None: host loop."""
+        return self.worker.arrays if self.device_loop else None
 
     def _binding(self, shapes: dict[str, tuple[int, ...]]) -> _Binding:
         key = tuple(sorted(shapes.items()))
@@ -201,8 +225,9 @@ class TensorRTEngine:
             shapes[tensor.name] = tuple(int(d) for d in feeds[tensor.name].shape)
         binding = self._binding(shapes)
         cuda, stream = self.worker.cuda, self.worker.stream
+        on_device = False
         for tensor in self.inputs:
-            self._upload(binding.buffers[tensor.name], feeds[tensor.name])
+            on_device = self._upload(binding.buffers[tensor.name], feeds[tensor.name]) or on_device
         version = self.component.weights_version
         if binding.graph is not None and binding.graph_version != version:
             cuda.destroy_graph(binding.graph)  # weights were refit: record again
@@ -217,26 +242,48 @@ class TensorRTEngine:
         else:
             self._execute(binding)
         binding.runs += 1
-        return self._results(binding)
+        return self._device_results(binding) if on_device else self._results(binding)
 
-    def _upload(self, target: DeviceArray, value: Any) -> None:
-        cuda, stream = self.worker.cuda, self.worker.stream
+    def _device_input(self, value: Any) -> tuple[int, np.dtype] | None:
+        if isinstance(value, np.ndarray):
+            return None
+        arrays = self.worker.arrays
+        if arrays is not None and arrays.owns(value):
+            return arrays.pointer(value), arrays.dtype(value)
         device = device_pointer(value)
+        return None if device is None else (device[0], device[2])
+
+    def _upload(self, target: DeviceArray, value: Any) -> bool:
+        """Copy one input into its bound buffer; True when it came from device memory."""
+        cuda, stream = self.worker.cuda, self.worker.stream
+        device = self._device_input(value)
         if device is not None:
-            ptr, _, dtype = device
+            ptr, dtype = device
             if dtype != target.dtype:
                 raise ValueError(f"{self.name}: device input has dtype {dtype}, the engine takes {target.dtype}")
             cuda.copy(target.ptr, ptr, target.nbytes, "dtod", stream)
-            return
+            return True
         host = np.ascontiguousarray(value, dtype=target.dtype)
         if host.shape != target.shape:
             raise ValueError(f"{self.name}: input shape {list(host.shape)} != bound shape {list(target.shape)}")
         # From pageable host memory, cudaMemcpyAsync returns only once the data is staged, so ``host`` may go.
         cuda.copy(target.ptr, host.ctypes.data, target.nbytes, "htod", stream)
+        return False
+
+    def _device_results(self, binding: _Binding) -> dict[str, Any]:
+        arrays = self.worker.arrays
+        if arrays is None:
+            raise SdexportError(f"{self.name}: device inputs need CuPy for device outputs: pip install "
+                                "'sdexport[gpu]', or pass numpy arrays")
+        out = {}
+        for tensor in self.outputs:
+            buffer = binding.buffers[tensor.name]
+            array = arrays.empty(buffer.shape, buffer.dtype)
+            self.worker.cuda.copy(arrays.pointer(array), buffer.ptr, buffer.nbytes, "dtod", self.worker.stream)
+            out[tensor.name] = array
+        return out
 
     def _results(self, binding: _Binding) -> dict[str, Any]:
-        if self.device_outputs:
-            return {t.name: binding.buffers[t.name] for t in self.outputs}
         out = {}
         for tensor in self.outputs:
             array = binding.buffers[tensor.name]
@@ -257,18 +304,19 @@ class TrtSession:
     """A folder's engines, deserialized once per process, and its workers (one per concurrent worker index)."""
 
     components: dict[str, TrtComponent]
+    device: int = 0
     workers: dict[int, Worker] = field(default_factory=dict)
 
     def worker(self, index: int = 0) -> Worker:
         """The worker with this index (created on first use: its own stream and scratch memory)."""
         if index not in self.workers:
-            self.workers[index] = Worker(self.components)
+            self.workers[index] = Worker(self.components, device=self.device)
         return self.workers[index]
 
 
 _SESSIONS: dict[tuple[Path, int], TrtSession] = {}
 _SESSIONS_LOCK = threading.Lock()
-BACKEND_OPTIONS = ("device", "worker", "cuda_graphs", "device_outputs")
+BACKEND_OPTIONS = ("device", "worker", "cuda_graphs", "device_loop")
 
 
 def open_session(folder: Path, device: int = 0) -> TrtSession:
@@ -276,7 +324,7 @@ def open_session(folder: Path, device: int = 0) -> TrtSession:
     key = (Path(folder).resolve(), device)
     with _SESSIONS_LOCK:
         if key not in _SESSIONS:
-            _SESSIONS[key] = TrtSession(load_components(key[0], read_manifest(key[0]), device=device))
+            _SESSIONS[key] = TrtSession(load_components(key[0], read_manifest(key[0]), device=device), device=device)
         return _SESSIONS[key]
 
 
@@ -285,7 +333,8 @@ def tensorrt_backend(component: Any, options: Mapping[str, Any]) -> TensorRTEngi
 
     ``component`` needs ``name`` and ``graph`` (``<folder>/<component>/model.onnx``). Options: ``device`` (CUDA
     ordinal), ``worker`` (engines with the same worker index share a stream and scratch memory: give each
-    concurrent request loop its own), ``cuda_graphs`` (default True), ``device_outputs`` (default False).
+    concurrent request loop its own), ``cuda_graphs`` (default True), ``device_loop`` (default True: the runtime's
+    denoising loop runs on CuPy arrays on the GPU; False keeps it on numpy, copying through the host every step).
     """
     unknown = sorted(set(options) - set(BACKEND_OPTIONS))
     if unknown:
@@ -296,4 +345,4 @@ def tensorrt_backend(component: Any, options: Mapping[str, Any]) -> TensorRTEngi
                                  "--backend tensorrt")
     worker = session.worker(int(options.get("worker", 0)))
     return TensorRTEngine(session.components[component.name], worker, bool(options.get("cuda_graphs", True)),
-                          bool(options.get("device_outputs", False)))
+                          bool(options.get("device_loop", True)))

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sdexport.engines import artifacts
+from sdexport.engines.arrays import HOST, Arrays
 from sdexport.engines.base import Engine
 from sdexport.errors import ArtifactError
 from sdexport.specs import ComponentSpec
@@ -38,7 +37,7 @@ class ComponentFiles:
 
 
 EngineFactory = Callable[[ComponentFiles, Mapping[str, Any]], Engine]
-Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+Runner = Callable[[Mapping[str, Any]], dict[str, Any]]
 """Anything that runs a component on named arrays (an EngineRunner, or a test double)."""
 
 
@@ -96,26 +95,36 @@ def open_engine(component: ComponentFiles, backend: str, options: Mapping[str, A
 
 
 class EngineRunner:
-    """Calls one engine, splitting the batch into slices of at most ``max_batch``; accumulates engine time."""
+    """Calls one engine, splitting the batch into slices of at most ``max_batch``; accumulates engine time.
 
-    def __init__(self, engine: Engine, max_batch: int) -> None:
+    ``arrays`` is where the caller's arrays live. An engine whose ``array_device`` is those arrays takes and returns
+    them directly (TensorRT with CuPy); any other engine gets host copies, and its outputs are put back.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int, arrays: Arrays = HOST) -> None:
         self.engine = engine
         self.max_batch = max(1, int(max_batch))
+        self.arrays = arrays
+        self.native = arrays is HOST or getattr(engine, "array_device", None) is arrays
         self.seconds = 0.0
         self.calls = 0
 
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        out = self.engine.run(feeds)
+        if self.native:
+            out = self.engine.run(feeds)
+        else:
+            host = self.engine.run({k: self.arrays.get(v) for k, v in feeds.items()})
+            out = {k: self.arrays.put(v) for k, v in host.items()}
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         return out
 
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run on ``feeds`` (all batched on axis 0); outputs concatenated back along axis 0."""
         total = next(iter(feeds.values())).shape[0]
         if total <= self.max_batch:
             return self._run(feeds)
-        parts = [self._run({k: np.ascontiguousarray(v[start:start + self.max_batch]) for k, v in feeds.items()})
+        parts = [self._run({k: v[start:start + self.max_batch, ...] for k, v in feeds.items()})
                  for start in range(0, total, self.max_batch)]
-        return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+        return {k: self.arrays.xp.concat([p[k] for p in parts], axis=0) for k in parts[0]}

@@ -1,12 +1,18 @@
-"""The denoising loop: classifier-free guidance in one batched UNet call, rescale, scheduler step, inpaint blend."""
+"""The denoising loop: classifier-free guidance in one batched UNet call, rescale, scheduler step, inpaint blend.
+
+The loop is array-API code: on the host it runs on numpy; with a device backend (TensorRT + CuPy) every array it
+touches stays on the device, and the host only uploads the inputs once and reads the result once.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from sdexport.engines.arrays import HOST, Arrays, namespace
 from sdexport.runtime.backends import EngineRunner
 from sdexport.runtime.conditioning import Conditioning
 from sdexport.runtime.latents import Start
@@ -18,19 +24,26 @@ from sdexport.runtime.schedulers import Plan
 class Cancelled(Exception):
     """Internal: the callback asked to stop after ``step``; ``latents`` are the latents at that point."""
 
-    def __init__(self, step: int, latents: np.ndarray) -> None:
+    def __init__(self, step: int, latents: Any) -> None:
         super().__init__(step)
         self.step = step
         self.latents = latents
 
 
-def rescale_noise_cfg(guided: np.ndarray, text: np.ndarray, guidance_rescale: float) -> np.ndarray:
+def _f32(value: float) -> float:
+    """``value`` rounded to float32, as a Python float: array-API libraries take Python scalars (weakly typed, so a
+    float32 array stays float32), and the rounding keeps diffusers' float32 arithmetic."""
+    return float(np.float32(value))
+
+
+def rescale_noise_cfg(guided: Any, text: Any, guidance_rescale: float) -> Any:
     """diffusers' ``rescale_noise_cfg``: match the guided prediction's std to the text prediction's, then mix."""
+    xp = namespace(guided, text)
     axes = tuple(range(1, guided.ndim))
-    std_text = text.std(axis=axes, ddof=1, keepdims=True)
-    std_cfg = guided.std(axis=axes, ddof=1, keepdims=True)
+    std_text = xp.std(text, axis=axes, correction=1, keepdims=True)
+    std_cfg = xp.std(guided, axis=axes, correction=1, keepdims=True)
     rescaled = guided * (std_text / std_cfg)
-    return np.float32(guidance_rescale) * rescaled + np.float32(1 - guidance_rescale) * guided
+    return _f32(guidance_rescale) * rescaled + _f32(1 - guidance_rescale) * guided
 
 
 @dataclass
@@ -40,16 +53,42 @@ class Guidance:
     scale: float
     rescale: float
 
-    def combine(self, out: np.ndarray, cfg: bool) -> np.ndarray:
+    def combine(self, out: Any, cfg: bool) -> Any:
         """[2N or N, 4, h, w] UNet output -> guided [N, 4, h, w] prediction."""
         if not cfg:
             return out
         half = out.shape[0] // 2
-        uncond, text = out[:half], out[half:]
-        guided = uncond + np.float32(self.scale) * (text - uncond)
+        uncond, text = out[:half, ...], out[half:, ...]
+        guided = uncond + _f32(self.scale) * (text - uncond)
         if self.rescale > 0.0:
             guided = rescale_noise_cfg(guided, text, self.rescale)
         return guided
+
+
+class FiniteChecks:
+    """NaN / Inf checks of the UNet output: at once on the host; on a device, read back together when the host waits
+    anyway (a callback, the end of the loop), so that checking never stalls the GPU between steps."""
+
+    def __init__(self, arrays: Arrays) -> None:
+        self.arrays = arrays
+        self.pending: list[tuple[int, Any]] = []
+
+    def add(self, step: int, prediction: Any) -> None:
+        xp = self.arrays.xp
+        self.pending.append((step, xp.all(xp.isfinite(prediction))))
+        if self.arrays.synchronous:
+            self.flush()
+
+    def flush(self) -> None:
+        """Raise NonFiniteError naming the first step whose prediction was not finite."""
+        if not self.pending:
+            return
+        steps = [step for step, _ in self.pending]
+        flags = self.arrays.get(self.arrays.xp.stack([flag for _, flag in self.pending]))
+        self.pending.clear()
+        bad = [step for step, ok in zip(steps, flags.tolist(), strict=True) if not ok]
+        if bad:
+            raise NonFiniteError("unet", bad[0])
 
 
 def denoise(
@@ -61,46 +100,62 @@ def denoise(
     streams: NoiseStreams,
     timings: Timings,
     callback: StepCallback | None = None,
-) -> np.ndarray:
-    """Run every model evaluation of ``plan`` from ``start``; returns the final latents [N, 4, h, w].
+    arrays: Arrays = HOST,
+) -> Any:
+    """Run every model evaluation of ``plan`` from ``start``; returns the final latents [N, 4, h, w] as ``arrays``.
 
     The negative and positive halves go through the UNet as one batch of 2N (the runner splits it when the engine's
     batch range is smaller). 4-channel inpainting blends the re-noised original back outside the mask after each
-    step; the 9-channel inpainting UNet gets the mask and masked-image latents concatenated to its input.
+    step; the 9-channel inpainting UNet gets the mask and masked-image latents concatenated to its input. Inputs
+    (conditioning, start latents, every step's timesteps and scheduler noise, drawn in diffusers' order) are put
+    into ``arrays`` once, before the first step.
     """
+    xp, put = arrays.xp, arrays.put
     stepper = plan.start()
-    feeds = cond.feeds()
     copies = 2 if cond.cfg else 1
+    feeds = {name: put(value) for name, value in cond.feeds().items()}
+    latents = put(start.latents)
+    rows = latents.shape[0] * copies
+    timesteps = put(np.repeat(np.asarray(plan.timesteps, dtype=np.float32)[:, None], rows, axis=1))
+    noise_shape = start.latents.shape[1:]
+    drawn = [streams.draw(noise_shape) for needed in plan.needs_noise if needed]
+    noises = put(np.stack(drawn)) if drawn else None
     extra = None
     if start.masked_latents is not None:
         extra = np.concatenate([start.mask, start.masked_latents], axis=1)
-        extra = np.concatenate([extra] * copies) if copies > 1 else extra
+        extra = put(np.concatenate([extra] * copies) if copies > 1 else extra)
     blend = start.image_latents is not None
-    latents = start.latents
-    rows = latents.shape[0] * copies
+    if blend:
+        image_latents, mask, first_noise = put(start.image_latents), put(start.mask), put(start.noise)
+    checks = FiniteChecks(arrays)
+    drawn_index = 0
     last = len(plan) - 1
     for i in range(len(plan)):
         t0 = time.perf_counter()
         model_in = plan.scale_model_input(latents, i)
         if copies > 1:
-            model_in = np.concatenate([model_in, model_in])
+            model_in = xp.concat([model_in, model_in])
         if extra is not None:
-            model_in = np.concatenate([model_in, extra], axis=1)
-        timestep = np.full((rows,), plan.timesteps[i], dtype=np.float32)
+            model_in = xp.concat([model_in, extra], axis=1)
         engine_before = unet.seconds
-        out = unet({"sample": np.ascontiguousarray(model_in, dtype=np.float32), "timestep": timestep, **feeds})
+        out = unet({"sample": xp.astype(model_in, xp.float32, copy=False), "timestep": timesteps[i, ...], **feeds})
         timings.unet.append(unet.seconds - engine_before)
         prediction = out["out_sample"]
-        if not np.isfinite(prediction).all():
-            raise NonFiniteError("unet", i)
+        checks.add(i, prediction)
         guided = guidance.combine(prediction, cond.cfg)
-        noise = streams.draw(latents.shape[1:]) if plan.needs_noise[i] else None
+        noise = None
+        if plan.needs_noise[i]:
+            noise = noises[drawn_index, ...]
+            drawn_index += 1
         latents = stepper.step(guided, i, latents, noise=noise).prev_sample
         if blend:
-            proper = start.image_latents if i == last else plan.add_noise(start.image_latents, start.noise, i + 1)
-            latents = (1 - start.mask) * proper + start.mask * latents
-        latents = latents.astype(np.float32, copy=False)
+            proper = image_latents if i == last else plan.add_noise(image_latents, first_noise, i + 1)
+            latents = (1 - mask) * proper + mask * latents
+        latents = xp.astype(latents, xp.float32, copy=False)
         timings.steps.append(time.perf_counter() - t0)
-        if callback is not None and callback(i, len(plan), float(plan.timesteps[i]), latents) is False:
-            raise Cancelled(i, latents)
+        if callback is not None:
+            checks.flush()
+            if callback(i, len(plan), float(plan.timesteps[i]), latents) is False:
+                raise Cancelled(i, latents)
+    checks.flush()
     return latents

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sdexport.engines.arrays import HOST, Arrays
 from sdexport.engines.base import Engine
 from sdexport.runtime.backends import ComponentFiles, EngineRunner, component_files, open_engine, verify_folder
 from sdexport.runtime.conditioning import conditioner_for
@@ -152,8 +153,13 @@ class Pipeline:
                 self._schedulers[key] = load_scheduler(self.scheduler_base_config, name, dict(overrides or {}))
             return self._schedulers[key]
 
-    def _runner(self, name: str) -> EngineRunner:
-        return EngineRunner(self.engines[name], self.components[name].max_batch)
+    @property
+    def arrays(self) -> Arrays:
+        """Where the denoising loop's arrays live: the UNet engine's device arrays if it has any, else the host."""
+        return getattr(self.engines["unet"], "array_device", None) or HOST
+
+    def _runner(self, name: str, arrays: Arrays = HOST) -> EngineRunner:
+        return EngineRunner(self.engines[name], self.components[name].max_batch, arrays)
 
     def __call__(
         self,
@@ -225,21 +231,26 @@ class Pipeline:
         timings.vae_encoder = time.perf_counter() - t0 if request.task != "txt2img" else 0.0
         parameters = self._parameters(request, sched)
         guidance = Guidance(request.guidance_scale, request.guidance_rescale)
-        try:
-            latents = denoise(plan, start, cond, guidance, self._runner("unet"), streams, timings, callback)
-        except Cancelled as stop:
-            timings.total = time.perf_counter() - t_start
-            partial = GenerationResult(stop.latents, request.seeds, timings, "latent", parameters,
-                                       latent_space(self.spec))
-            raise GenerationCancelled(stop.step, len(plan), partial) from None
-        images = latents
-        if request.output_type != "latent":
-            t0 = time.perf_counter()
-            decoded = self._runner("vae_decoder")({"latent": latents / np.float32(self.spec.scaling_factor)})["image"]
-            if not np.isfinite(decoded).all():
-                raise NonFiniteError("vae_decoder")
-            images = postprocess(decoded, request.output_type)
-            timings.vae_decoder = time.perf_counter() - t0
+        arrays = self.arrays
+        with arrays.scope():
+            try:
+                latents = denoise(plan, start, cond, guidance, self._runner("unet", arrays), streams, timings,
+                                  callback, arrays)
+            except Cancelled as stop:
+                timings.total = time.perf_counter() - t_start
+                partial = GenerationResult(arrays.get(stop.latents), request.seeds, timings, "latent", parameters,
+                                           latent_space(self.spec))
+                raise GenerationCancelled(stop.step, len(plan), partial) from None
+            if request.output_type == "latent":
+                images = arrays.get(latents)
+            else:
+                t0 = time.perf_counter()
+                scaled = latents / float(np.float32(self.spec.scaling_factor))
+                decoded = arrays.get(self._runner("vae_decoder", arrays)({"latent": scaled})["image"])
+                if not np.isfinite(decoded).all():
+                    raise NonFiniteError("vae_decoder")
+                images = postprocess(decoded, request.output_type)
+                timings.vae_decoder = time.perf_counter() - t0
         timings.total = time.perf_counter() - t_start
         return GenerationResult(images, request.seeds, timings, request.output_type, parameters,
                                 latent_space(self.spec))

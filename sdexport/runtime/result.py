@@ -38,10 +38,11 @@ class NonFiniteError(SdexportError):
         self.step = step
 
 
-StepCallback = Callable[[int, int, float, np.ndarray], "bool | None"]
+StepCallback = Callable[[int, int, float, Any], "bool | None"]
 """``callback(step_index, num_steps, timestep, latents)`` after every model evaluation; ``latents`` is the current
-float32 [N, 4, h, w] array (do not modify it). Return False to cancel: the call raises GenerationCancelled, whose
-``partial`` has the latents so far. Any other return value continues."""
+float32 [N, 4, h, w] array (do not modify it): numpy, or a CuPy array when the loop runs on the GPU
+(``pipe.arrays.get(latents)`` copies it to the host). Return False to cancel: the call raises GenerationCancelled,
+whose ``partial`` has the latents so far (numpy). Any other return value continues."""
 
 
 @dataclass
