@@ -291,6 +291,14 @@ class StrictArrays:
 
         return contextlib.nullcontext()
 
+    def clock(self) -> float:
+        import time
+
+        return time.perf_counter()
+
+    def elapsed(self, start: float, end: float) -> float:
+        return end - start
+
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         return self.xp.asarray(np.empty(shape, dtype=dtype), device=self.device)
 

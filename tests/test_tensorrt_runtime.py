@@ -346,6 +346,9 @@ def test_denoising_loop_on_device_arrays_matches_the_host_loop(built: dict[str, 
     host = Pipeline.load(built["folder"], verify=False)("a red cube", num_inference_steps=4, **kwargs)
     pipe = _device_pipe(built, cuda, arrays)
     device = pipe("a red cube", num_inference_steps=4, **kwargs)
+    steps = len(device.timings.steps)
+    assert steps == len(device.timings.unet) == len(host.timings.steps) > 0
+    assert all(0 < u <= s for u, s in zip(device.timings.unet, device.timings.steps, strict=True))
     # Same graphs, same float32 arithmetic (array-api-strict computes with numpy): equal up to summation order.
     np.testing.assert_allclose(device.images, host.images, rtol=0, atol=1e-6)
     # Host transfers are per request, not per step: the same with 4 and with 8 steps.

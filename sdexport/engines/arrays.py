@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
@@ -44,6 +45,14 @@ class Arrays(Protocol):
 
     def scope(self) -> contextlib.AbstractContextManager[Any]:
         """Make this library's stream current for the calling thread while the loop runs."""
+        ...
+
+    def clock(self) -> Any:
+        """A timestamp taken when the work queued so far has run (a CUDA event on a device; no waiting)."""
+        ...
+
+    def elapsed(self, start: Any, end: Any) -> float:
+        """Seconds between two ``clock`` marks (waits for ``end`` if needed)."""
         ...
 
 
@@ -82,6 +91,12 @@ class HostArrays:
 
     def scope(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
+
+    def clock(self) -> float:
+        return time.perf_counter()
+
+    def elapsed(self, start: float, end: float) -> float:
+        return end - start
 
 
 HOST = HostArrays()
@@ -133,6 +148,15 @@ class CupyArrays:
     def scope(self) -> Iterator[None]:
         with self.cupy.cuda.Device(self.device), self.stream:
             yield
+
+    def clock(self) -> Any:
+        event = self.cupy.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def elapsed(self, start: Any, end: Any) -> float:
+        end.synchronize()
+        return float(self.cupy.cuda.get_elapsed_time(start, end)) / 1000.0
 
 
 def cupy_arrays(stream: int, device: int = 0) -> CupyArrays | None:

@@ -6,7 +6,6 @@ touches stays on the device, and the host only uploads the inputs once and reads
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +90,29 @@ class FiniteChecks:
             raise NonFiniteError("unet", bad[0])
 
 
+class StepClock:
+    """Per-step wall and UNet times from ``arrays.clock`` marks (CUDA events on a device: no waiting per step),
+    written to ``timings`` once the marked work has run."""
+
+    def __init__(self, arrays: Arrays, timings: Timings) -> None:
+        self.arrays = arrays
+        self.timings = timings
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        """Four marks per step: step start, UNet start, UNet end, step end."""
+        self.marks.append(self.arrays.clock())
+
+    def record(self) -> None:
+        """Append the times of every completed step marked so far."""
+        elapsed = self.arrays.elapsed
+        while len(self.marks) >= 4:
+            start, unet_start, unet_end, end = self.marks[:4]
+            del self.marks[:4]
+            self.timings.unet.append(elapsed(unet_start, unet_end))
+            self.timings.steps.append(elapsed(start, end))
+
+
 def denoise(
     plan: Plan,
     start: Start,
@@ -128,18 +150,19 @@ def denoise(
     if blend:
         image_latents, mask, first_noise = put(start.image_latents), put(start.mask), put(start.noise)
     checks = FiniteChecks(arrays)
+    clock = StepClock(arrays, timings)
     drawn_index = 0
     last = len(plan) - 1
     for i in range(len(plan)):
-        t0 = time.perf_counter()
+        clock.mark()
         model_in = plan.scale_model_input(latents, i)
         if copies > 1:
             model_in = xp.concat([model_in, model_in])
         if extra is not None:
             model_in = xp.concat([model_in, extra], axis=1)
-        engine_before = unet.seconds
+        clock.mark()
         out = unet({"sample": xp.astype(model_in, xp.float32, copy=False), "timestep": timesteps[i, ...], **feeds})
-        timings.unet.append(unet.seconds - engine_before)
+        clock.mark()
         prediction = out["out_sample"]
         checks.add(i, prediction)
         guided = guidance.combine(prediction, cond.cfg)
@@ -152,10 +175,12 @@ def denoise(
             proper = image_latents if i == last else plan.add_noise(image_latents, first_noise, i + 1)
             latents = (1 - mask) * proper + mask * latents
         latents = xp.astype(latents, xp.float32, copy=False)
-        timings.steps.append(time.perf_counter() - t0)
+        clock.mark()
         if callback is not None:
             checks.flush()
+            clock.record()
             if callback(i, len(plan), float(plan.timesteps[i]), latents) is False:
                 raise Cancelled(i, latents)
     checks.flush()
+    clock.record()
     return latents

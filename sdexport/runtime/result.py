@@ -47,8 +47,9 @@ whose ``partial`` has the latents so far (numpy). Any other return value continu
 
 @dataclass
 class Timings:
-    """Seconds per stage. ``unet`` is the engine time of each model evaluation, ``steps`` the wall time of each
-    (engine + scheduler + guidance + callback), so ``steps[i] - unet[i]`` is the runtime's own overhead."""
+    """Seconds per stage. ``unet`` is the engine time of each model evaluation, ``steps`` the time of each (engine +
+    scheduler + guidance, not the callback), so ``steps[i] - unet[i]`` is the runtime's own overhead. When the loop
+    runs on a GPU both are measured with CUDA events on the engines' stream: time on the GPU, without waiting."""
 
     text_encoder: float = 0.0
     vae_encoder: float = 0.0
