@@ -412,3 +412,19 @@ def test_device_loop_names_the_first_non_finite_step(built: dict[str, Any], fake
     with pytest.raises(NonFiniteError, match="unet at step 2 "):
         pipe("a green cone", height=64, width=64, seed=1, num_inference_steps=5)
     assert arrays.gets == gets + 1  # one read of all the checks, after the loop
+
+
+def test_threads_sharing_a_worker_take_turns(built: dict[str, Any], fakes: Any) -> None:
+    import threading
+
+    _, cuda = fakes
+    worker, engines = _open(built, cuda, cuda_graphs=True)
+    feeds = _feeds(built, 6)
+    results: list[np.ndarray] = []
+    other = threading.Thread(target=lambda: results.append(engines["unet"].run(feeds)["out_sample"]))
+    with worker.lock:  # what a request's GPU loop holds for its whole duration
+        other.start()
+        other.join(timeout=0.5)
+        assert other.is_alive() and not results  # the other thread waits for the stream
+    other.join(timeout=60)
+    np.testing.assert_allclose(results[0], _ort(built, "unet", feeds), rtol=0, atol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from types import ModuleType
@@ -104,18 +105,23 @@ HOST = HostArrays()
 
 
 class CupyArrays:
-    """CuPy arrays on one CUDA stream (a TensorRT worker's), so that CuPy kernels and engine runs stay in order."""
+    """CuPy arrays on one CUDA stream (a TensorRT worker's), so that CuPy kernels and engine runs stay in order.
+
+    ``scope`` also holds ``lock`` (the worker's): one request at a time owns the stream, so no other thread's
+    kernels can interleave with it, nor land inside a CUDA graph being recorded on it.
+    """
 
     name = "cupy"
     synchronous = False
 
-    def __init__(self, stream: int, device: int = 0) -> None:
+    def __init__(self, stream: int, device: int = 0, lock: threading.RLock | None = None) -> None:
         import array_api_compat.cupy as cupy_xp
         import cupy
 
         self.cupy = cupy
         self.xp = cupy_xp
         self.device = device
+        self.lock = lock or threading.RLock()
         with cupy.cuda.Device(device):
             self.stream = cupy.cuda.ExternalStream(int(stream), device)
 
@@ -146,7 +152,7 @@ class CupyArrays:
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
-        with self.cupy.cuda.Device(self.device), self.stream:
+        with self.lock, self.cupy.cuda.Device(self.device), self.stream:
             yield
 
     def clock(self) -> Any:
@@ -159,10 +165,10 @@ class CupyArrays:
         return float(self.cupy.cuda.get_elapsed_time(start, end)) / 1000.0
 
 
-def cupy_arrays(stream: int, device: int = 0) -> CupyArrays | None:
+def cupy_arrays(stream: int, device: int = 0, lock: threading.RLock | None = None) -> CupyArrays | None:
     """CupyArrays on ``stream``, or None (with a warning) when CuPy is not installed."""
     try:
-        return CupyArrays(stream, device)
+        return CupyArrays(stream, device, lock)
     except ImportError as exc:
         log.warning("CuPy is not importable (%s): the denoising loop will copy latents through host memory every "
                     "step; pip install 'sdexport[gpu]' to keep them on the GPU", exc)

@@ -100,7 +100,7 @@ class _Binding:
 
 def device_arrays(worker: Worker) -> DeviceArrays | None:
     """The array library the worker's engines exchange device arrays in: CuPy on the worker's stream, if installed."""
-    return cupy_arrays(int(worker.stream), worker.device)
+    return cupy_arrays(int(worker.stream), worker.device, worker.lock)
 
 
 @dataclass
@@ -108,8 +108,9 @@ class Worker:
     """One concurrent worker: a CUDA stream, one scratch allocation shared by all its engines' contexts, and the
     device arrays (CuPy on that stream) its engines take and return.
 
-    Contexts of one worker run one after another on its stream, so they can share the scratch memory; run
-    concurrent requests on separate workers.
+    Contexts of one worker run one after another on its stream, so they can share the scratch memory. ``lock``
+    serialises the worker's users: every engine run holds it, and so does a request's whole GPU loop (through its
+    arrays' ``scope``). Threads sharing a worker are safe but take turns; give concurrent requests separate workers.
     """
 
     components: Mapping[str, TrtComponent]
@@ -118,6 +119,7 @@ class Worker:
     stream: Any = None
     scratch: int = 0
     scratch_bytes: int = 0
+    lock: threading.RLock = field(default_factory=threading.RLock)
     _arrays: DeviceArrays | None = None
     _arrays_made: bool = False
 
@@ -130,9 +132,10 @@ class Worker:
     @property
     def arrays(self) -> DeviceArrays | None:
         """This worker's device arrays (made on first use), or None without CuPy."""
-        if not self._arrays_made:
-            self._arrays, self._arrays_made = device_arrays(self), True
-        return self._arrays
+        with self.lock:
+            if not self._arrays_made:
+                self._arrays, self._arrays_made = device_arrays(self), True
+            return self._arrays
 
     def engines(self, cuda_graphs: bool = True, device_loop: bool = True) -> dict[str, TensorRTEngine]:
         """One TensorRTEngine per component, all on this worker's stream and scratch memory."""
@@ -217,7 +220,11 @@ class TensorRTEngine:
             raise SdexportError(f"{self.name}: TensorRT execution failed (see its log above)")
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        """Run once on the worker's stream; inputs may be numpy or CUDA arrays."""
+        """Run once on the worker's stream (holding the worker's lock); inputs may be numpy or CUDA arrays."""
+        with self.worker.lock:
+            return self._run(feeds)
+
+    def _run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         shapes = {}
         for tensor in self.inputs:
             if tensor.name not in feeds:
