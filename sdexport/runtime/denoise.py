@@ -74,9 +74,11 @@ class FiniteChecks:
 
     def add(self, step: int, prediction: Any) -> None:
         xp = self.arrays.xp
-        self.pending.append((step, xp.all(xp.isfinite(prediction))))
-        if self.arrays.synchronous:
-            self.flush()
+        finite = xp.all(xp.isfinite(prediction))
+        if not self.arrays.synchronous:
+            self.pending.append((step, finite))
+        elif not bool(finite):
+            raise NonFiniteError("unet", step)
 
     def flush(self) -> None:
         """Raise NonFiniteError naming the first step whose prediction was not finite."""
