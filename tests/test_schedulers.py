@@ -23,6 +23,7 @@ from diffusers import (  # noqa: E402
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
+from test_schedulers_api import ALIASES  # noqa: E402  (one short name per algorithm)
 
 from sdexport.runtime.schedulers import SchedulerConfigError, load_scheduler  # noqa: E402
 from sdexport.runtime.schedulers.registry import resolve_name  # noqa: E402
@@ -383,19 +384,6 @@ def test_same_code_runs_on_torch_tensors(alias, config, overrides, monkeypatch):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-6, atol=1e-6)  # same arithmetic on both array types
 
 
-ALL_ALIASES = [
-    "ddpm",
-    "ddim",
-    "pndm",
-    "euler",
-    "euler_a",
-    "heun",
-    "dpmpp_2m",
-    "dpmpp_2m_sde",
-    "unipc",
-    "lms",
-    "lcm",
-]
 WINDOWS = [
     {"strength": 0.3},
     {"strength": 0.75},
@@ -410,7 +398,7 @@ WINDOWS = [
 
 @pytest.mark.parametrize("n", [7, 25])
 @pytest.mark.parametrize("window", WINDOWS, ids=lambda w: ",".join(f"{k}={v}" for k, v in w.items()))
-@pytest.mark.parametrize("alias", ALL_ALIASES)
+@pytest.mark.parametrize("alias", ALIASES)
 @pytest.mark.parametrize("base", ["sd15", "sdxl"])
 def test_truncated_schedules_match_the_pipelines(base, alias, window, n, monkeypatch):
     """img2img strength, SDXL base (denoising_end) / refiner (denoising_start), inpainting re-noise."""
@@ -420,7 +408,7 @@ def test_truncated_schedules_match_the_pipelines(base, alias, window, n, monkeyp
     compare(ours, ref, False)
 
 
-@pytest.mark.parametrize("alias", ALL_ALIASES)
+@pytest.mark.parametrize("alias", ALIASES)
 @pytest.mark.parametrize("split", [0.8, 0.7, 0.5])
 def test_base_to_refiner_hand_off(alias, split, monkeypatch):
     """The SDXL ensemble of experts: base with denoising_end, refiner continues from its latents."""

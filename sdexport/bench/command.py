@@ -61,11 +61,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
     folder = args.folder
     if not (folder / "manifest.json").exists():
-        print(f"sdexport bench: {folder} has no manifest.json; build it with `sdexport build`", file=sys.stderr)
+        sys.stderr.write(f"sdexport bench: {folder} has no manifest.json; build it with `sdexport build`\n")
         return 2
     suite, folders = folder_suite(folder, args.steps, args.batch, tuple(args.size) if args.size else None,
                                   args.warmups, args.repeats)
-    progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    progress = lambda msg: sys.stderr.write(msg + "\n")  # noqa: E731
     lines = harness.run([(suite, folders)], args.systems, args.out, sgemm=not args.no_sgemm, timeout=args.timeout,
                         progress=progress)
     if args.ort_tuning:
@@ -83,5 +83,5 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(text)
-    print(text)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0

@@ -86,7 +86,7 @@ def run_job(job: dict[str, Any]) -> None:
 def main(argv: list[str]) -> int:
     """Entry point: ``python -m sdexport.bench.worker JOB.json``."""
     if len(argv) != 1:
-        print("usage: python -m sdexport.bench.worker JOB.json", file=sys.stderr)
+        sys.stderr.write("usage: python -m sdexport.bench.worker JOB.json\n")
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_job(json.loads(Path(argv[0]).read_text()))
