@@ -125,6 +125,9 @@ class ModelSpec:
     time_ids_dim: int
     pipeline_config: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        family(self.family)  # an unknown family fails here, with the known ones listed
+
     @property
     def family_record(self) -> Family:
         """The registered record of this spec's family."""
