@@ -11,7 +11,7 @@ import pytest
 
 from sdexport.cli import main
 from sdexport.errors import UsageError
-from sdexport.export.load import source_identity
+from sdexport.export.load import inspect_source, source_identity
 from sdexport.runtime.conditioning import CONDITIONERS, conditioner_for
 from sdexport.runtime.request import build_request
 from sdexport.specs import (
@@ -177,3 +177,21 @@ def test_model_choices_come_from_the_presets(capsys: pytest.CaptureFixture[str])
     with pytest.raises(UsageError) as exc:
         source_identity("acme/model", random_weights=True)
     assert all(name in str(exc.value) for name in FAMILY_PRESETS)
+
+
+def test_sd21_preset_is_the_released_architecture() -> None:
+    info = inspect_source("sd21", random_weights=True)  # configs only: no weights are loaded
+    unet = {t.name: t for t in info.spec.components["unet"].inputs}
+    assert info.spec.family == "sd2" and info.kind == "random"
+    assert unet["encoder_hidden_states"].dims[2] == 1024 and list(unet) == ["sample", "timestep",
+                                                                            "encoder_hidden_states"]
+    assert info.configs["scheduler"]["prediction_type"] == "v_prediction"
+    assert info.configs["text_encoder"]["num_hidden_layers"] == 23  # OpenCLIP-H without its last layer
+    assert info.spec.clip_skip_max == 4 and info.spec.scaling_factor == 0.18215
+
+
+def test_task_support_comes_from_the_record() -> None:
+    assert all(family(name).task_error(task) is None for name in ("sd", "sd2", "sdxl") for task in
+               ("txt2img", "img2img", "inpaint"))
+    message = family("sdxl-refiner").task_error("txt2img")
+    assert "does not run txt2img (it runs img2img, inpaint)" in message and "pass image=" in message

@@ -245,10 +245,9 @@ def _latents(task: str, latents: Any, shape: tuple[int, ...]) -> np.ndarray | No
 def build_request(spec: ModelSpec, ranges: ShapeRanges, args: dict[str, Any]) -> Request:
     """Validate the keyword arguments of ``Pipeline.__call__`` (``args``) for this folder; raise RequestError."""
     task = task_of(args["image"], args["mask_image"])
-    try:
-        spec.family_record.check_task(task)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
+    unsupported = spec.family_record.task_error(task)
+    if unsupported:
+        raise _fail(unsupported)
     if spec.inpaint and task != "inpaint":
         raise _fail("this is an inpainting folder (9-channel UNet): pass image= and mask_image=")
     defaults = spec.family_record.call_defaults[task]

@@ -139,8 +139,9 @@ class Family:
                 return enc
         raise ValueError(f"family {self.name!r} has no text encoder {name!r}; it has {list(self.encoder_names)}")
 
-    def check_task(self, task: str) -> None:
-        """Raise ValueError naming the family's tasks when it does not run ``task``."""
-        if task not in self.pipelines:
-            hint = f"; {self.task_hint}" if self.task_hint else ""
-            raise ValueError(f"this {self.name} folder does not run {task} (it runs {', '.join(self.tasks)}){hint}")
+    def task_error(self, task: str) -> str | None:
+        """Why this family does not run ``task`` (naming the tasks it runs), or None when it does."""
+        if task in self.pipelines:
+            return None
+        hint = f"; {self.task_hint}" if self.task_hint else ""
+        return f"this {self.name} folder does not run {task} (it runs {', '.join(self.tasks)}){hint}"
