@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdexport.specs import PRESETS, ModelSpec, ShapeRanges, model_spec
-from sdexport.specs.model import detect_family
+from sdexport.specs import PRESETS, ModelSpec, ShapeRanges, detect_family, model_spec
 
 
 def _spec(preset: str) -> ModelSpec:
@@ -15,17 +14,22 @@ def _spec(preset: str) -> ModelSpec:
 
 
 def test_family_comes_from_configs_not_names() -> None:
-    sdxl_unet = PRESETS["sdxl"].configs()["unet"]
-    assert detect_family(sdxl_unet, has_text_encoder=True) == "sdxl"
-    assert detect_family(sdxl_unet, has_text_encoder=False) == "sdxl-refiner"
-    assert detect_family(PRESETS["sd15"].configs()["unet"], has_text_encoder=True) == "sd"
+    sdxl = PRESETS["sdxl"].configs()
+    texts = {n: sdxl[n] for n in ("text_encoder", "text_encoder_2")}
+    assert detect_family(sdxl["unet"], texts) == "sdxl"
+    assert detect_family(sdxl["unet"], {"text_encoder_2": texts["text_encoder_2"]}) == "sdxl-refiner"
+    sd15, sd21 = PRESETS["sd15"].configs(), PRESETS["sd21"].configs()
+    assert detect_family(sd15["unet"], {"text_encoder": sd15["text_encoder"]}) == "sd"
+    # SD 2.x has the same UNet kind as SD 1.x: its OpenCLIP text encoder (gelu, not quick_gelu) tells them apart.
+    assert detect_family(sd21["unet"], {"text_encoder": sd21["text_encoder"]}) == "sd2"
+    assert detect_family(sd15["unet"], {"text_encoder": sd21["text_encoder"]}) == "sd2"
     with pytest.raises(ValueError, match="addition_embed_type='image'"):
-        detect_family({"addition_embed_type": "image"}, True)
+        detect_family({"addition_embed_type": "image"}, {"text_encoder": {}})
 
 
 @pytest.mark.parametrize(("preset", "cross", "time_ids", "inpaint"), [
     ("sd15", 768, 0, False), ("sd15-inpaint", 768, 0, True), ("sdxl", 2048, 6, False),
-    ("sdxl-refiner", 1280, 5, False), ("sdxl-inpaint", 2048, 6, True),
+    ("sdxl-refiner", 1280, 5, False), ("sdxl-inpaint", 2048, 6, True), ("sd21", 1024, 0, False),
 ])
 def test_full_size_specs(preset: str, cross: int, time_ids: int, inpaint: bool) -> None:
     spec = _spec(preset)

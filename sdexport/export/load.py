@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import tempfile
@@ -13,8 +14,8 @@ from typing import Any
 import torch
 
 from sdexport.errors import SourceError, UsageError
-from sdexport.specs import ModelSpec, model_spec, resolve_preset
-from sdexport.specs.model import FAMILIES
+from sdexport.specs import FAMILY_PRESETS, PRESETS, Family, ModelSpec, family, model_spec, resolve_preset
+from sdexport.specs.families.base import CLIP_PAD
 from sdexport.specs.presets import Preset
 
 log = logging.getLogger(__name__)
@@ -22,12 +23,6 @@ log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES_SAFE = (".safetensors",)
 WEIGHT_SUFFIXES_PICKLE = (".bin", ".ckpt", ".pt", ".pth")
 _HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
-# The diffusers pipeline class whose LoRA loader serves a family.
-_PIPELINE_CLASS = {
-    "sd": "StableDiffusionPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-    "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline",
-}
 RANDOM_SEED = 20240611
 
 
@@ -64,24 +59,24 @@ def _text_model_class(config: dict[str, Any]) -> type:
     return getattr(transformers, arch)
 
 
-def _assemble(family: str, parts: dict[str, Any], pipeline_config: dict[str, Any]) -> Any:
-    """A diffusers pipeline object holding the parts (used for LoRA loading and the parity oracle)."""
+def assemble(class_name: str, parts: dict[str, Any], pipeline_config: dict[str, Any]) -> Any:
+    """The diffusers pipeline ``class_name`` over ``parts``, configured like the model_index (``pipeline_config``).
+
+    Parts the class takes but the family lacks (safety checker, the refiner's first encoder) are None; no safety
+    checker, no watermark.
+    """
     import diffusers
 
-    cls = getattr(diffusers, _PIPELINE_CLASS[family])
-    kwargs = dict(parts)
-    if family == "sd":
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    else:
-        for flag in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
-            if flag in pipeline_config and (flag != "requires_aesthetics_score" or family == "sdxl-refiner"):
-                kwargs[flag] = pipeline_config[flag]
-    if family == "sdxl-refiner":
-        kwargs.update(text_encoder=None, tokenizer=None)
+    cls = getattr(diffusers, class_name)
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: parts.get(k) for k, p in params.items() if k != "self" and p.default is inspect.Parameter.empty}
+    kwargs.update({k: v for k, v in parts.items() if k in params})
+    extra = {"requires_safety_checker": False, "add_watermarker": False, **pipeline_config}
+    kwargs.update({k: v for k, v in extra.items() if k in params and not k.startswith("_")})
     return cls(**kwargs)
 
 
-def _build_random(configs: dict[str, Any], tok_root: Path, modules: frozenset[str]
+def _build_random(configs: dict[str, Any], info: Family, tok_root: Path, modules: frozenset[str]
                   ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Instantiate ``modules`` from configs with seeded random weights (each its own seed), plus CLIP tokenizers."""
     import diffusers
@@ -99,8 +94,8 @@ def _build_random(configs: dict[str, Any], tok_root: Path, modules: frozenset[st
         parts[name] = _text_model_class(configs[name])(transformers.CLIPTextConfig(**cfg)).eval() if (
             name in modules) else None
         tok_name = name.replace("text_encoder", "tokenizer")
-        # SDXL's second tokenizer pads with "!" like the released checkpoints.
-        pad = "!" if name == "text_encoder_2" else "<|endoftext|>"
+        # Each tokenizer pads like the family's released checkpoints ("!" for the OpenCLIP encoders).
+        pad = info.encoder(name).pad_token if name in info.encoder_names else CLIP_PAD
         tokenizer_dirs[tok_name] = write_clip_tokenizer(tok_root / tok_name, pad_token=pad)
         parts[tok_name] = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dirs[tok_name]))
     torch.manual_seed(RANDOM_SEED + 10)
@@ -223,14 +218,11 @@ def source_identity(model: str, random_weights: bool) -> tuple[str, Preset | Non
         return ("random" if random_weights else "preset"), preset
     if random_weights:
         raise UsageError(
-            f"--random-weights needs a family preset, not {model!r}; choose one of "
-            "sd15, sd15-inpaint, sdxl, sdxl-refiner, sdxl-inpaint"
+            f"--random-weights needs a family preset, not {model!r}; choose one of {', '.join(FAMILY_PRESETS)}"
         )
     if Path(model).exists() or model.startswith((".", "/", "~")):
         return "folder", None
     if model.count("/") != 1:
-        from sdexport.specs import PRESETS
-
         raise UsageError(
             f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}), an existing folder, "
             "or a hub id of the form owner/name"
@@ -290,15 +282,16 @@ ALL_MODULES = frozenset({"unet", "vae", "text_encoder", "text_encoder_2"})
 def load_source(info: SourceInfo, allow_pickle: bool = False, modules: frozenset[str] = ALL_MODULES) -> Source:
     """Load the weights of an inspected source into a Source; modules not in ``modules`` stay None (memory)."""
     tmp: list[tempfile.TemporaryDirectory] = []
+    record = family(info.spec.family)
     if info.kind in ("tiny", "random"):
         tdir = tempfile.TemporaryDirectory(prefix="sdexport-tok-")
         tmp.append(tdir)
-        parts, tokenizer_dirs = _build_random(info.configs, Path(tdir.name), modules)
+        parts, tokenizer_dirs = _build_random(info.configs, record, Path(tdir.name), modules)
     else:
         parts, _, tokenizer_dirs = _load_folder(info.folder, allow_pickle, modules)
-    needed = FAMILIES[info.spec.family]["text_encoders"]
+    needed = record.encoder_names
     parts = {k: v for k, v in parts.items() if k not in ("text_encoder", "tokenizer") or "text_encoder" in needed}
-    pipe = _assemble(info.spec.family, parts, info.spec.pipeline_config)
+    pipe = assemble(record.source_pipeline, parts, info.spec.pipeline_config)
     log.info("loaded %s (%s): family %s%s", info.model, info.kind, info.spec.family,
              " inpaint" if info.spec.inpaint else "")
     return Source(pipe, info.spec, info.description(), tokenizer_dirs, dict(info.configs["scheduler"]),

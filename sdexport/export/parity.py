@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,19 +15,6 @@ from sdexport.specs import ModelSpec, ShapeRanges
 
 log = logging.getLogger(__name__)
 
-# The diffusers pipeline class that defines each (family, task) the runtime implements.
-DIFFUSERS_PIPELINES: dict[tuple[str, str], str] = {
-    ("sd", "txt2img"): "StableDiffusionPipeline",
-    ("sd", "img2img"): "StableDiffusionImg2ImgPipeline",
-    ("sd", "inpaint"): "StableDiffusionInpaintPipeline",
-    ("sdxl", "txt2img"): "StableDiffusionXLPipeline",
-    ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
-    ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
-    ("sdxl-refiner", "img2img"): "StableDiffusionXLImg2ImgPipeline",
-    ("sdxl-refiner", "inpaint"): "StableDiffusionXLInpaintPipeline",
-}
-
-
 def _alias_text_model(module: Any) -> None:
     """transformers 5 flattens CLIPTextModel (no ``.text_model``); diffusers' SD clip_skip path still reads
     ``text_encoder.text_model.final_layer_norm``. Point the old name at the module itself (not as a submodule)."""
@@ -41,15 +27,13 @@ def diffusers_pipeline(source_pipe: Any, spec: ModelSpec, task: str, scheduler: 
     """The diffusers pipeline for ``task`` over the source's modules, configured like the folder's model_index."""
     import diffusers
 
-    name = DIFFUSERS_PIPELINES.get((spec.family, task))
+    from sdexport.export.load import assemble
+
+    name = spec.family_record.pipelines.get(task)
     if name is None:
-        raise ValueError(f"no diffusers pipeline for task {task!r} of family {spec.family!r}")
-    cls = getattr(diffusers, name)
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    kwargs = {k: v for k, v in source_pipe.components.items() if k in accepted}
-    extra = {"requires_safety_checker": False, "add_watermarker": False, **spec.pipeline_config}
-    kwargs.update({k: v for k, v in extra.items() if k in accepted and not k.startswith("_")})
-    pipe = cls(**kwargs)
+        raise ValueError(f"no diffusers pipeline for task {task!r} of family {spec.family!r}; it has "
+                         f"{list(spec.family_record.pipelines)}")
+    pipe = assemble(name, dict(source_pipe.components), spec.pipeline_config)
     pipe.set_progress_bar_config(disable=True)
     for attr in ("text_encoder", "text_encoder_2"):
         _alias_text_model(getattr(pipe, attr, None))
@@ -163,8 +147,8 @@ def folder_tasks(spec: ModelSpec) -> list[str]:
     """The tasks a folder runs: inpainting only for 9-channel UNets, image tasks only with a VAE encoder."""
     if spec.inpaint:
         return ["inpaint"]
-    tasks = [] if spec.family == "sdxl-refiner" else ["txt2img"]
-    return tasks + (["img2img", "inpaint"] if "vae_encoder" in spec.components else [])
+    image_tasks = "vae_encoder" in spec.components
+    return [t for t in spec.family_record.tasks if t == "txt2img" or image_tasks]
 
 
 def run_parity(folder: str | Path, steps: int = 4, seed: int = 0,

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from sdexport.specs import ComponentSpec, ModelSpec
-from sdexport.specs.model import FAMILIES
 
 
 class TextEncoderWrapper(nn.Module):
@@ -93,9 +92,9 @@ def wrap(pipe: Any, spec: ModelSpec, component: ComponentSpec) -> nn.Module:
     module = torch_module(pipe, component.name)
     name = component.name
     if name.startswith("text_encoder"):
-        info = FAMILIES[spec.family]
+        encoder = spec.family_record.encoder(name)
         return TextEncoderWrapper(
-            module, info["clip_layer_offset"], info["final_norm"], spec.clip_skip_max + 1,
+            module, encoder.clip_layer_offset, encoder.final_norm, spec.clip_skip_max + 1,
             pooled=len(component.outputs) > 1,
         ).eval()
     if name == "unet":

@@ -11,7 +11,6 @@ import numpy as np
 from sdexport.runtime.backends import Runner
 from sdexport.runtime.tokenizer import ClipTokenizer
 from sdexport.specs import ModelSpec
-from sdexport.specs.model import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +98,9 @@ class SdConditioner:
 
     def __init__(self, spec: ModelSpec, tokenizers: Mapping[str, ClipTokenizer]) -> None:
         self.spec = spec
-        self.family = FAMILIES[spec.family]
-        self.encoders: tuple[str, ...] = self.family["text_encoders"]
-        self.tokenizers = {e: tokenizers[e.replace("text_encoder", "tokenizer")] for e in self.encoders}
+        self.family = spec.family_record
+        self.encoders: tuple[str, ...] = self.family.encoder_names
+        self.tokenizers = {e.name: tokenizers[e.tokenizer] for e in self.family.text_encoders}
         self.force_zeros = bool(spec.pipeline_config.get("force_zeros_for_empty_prompt", False))
 
     def chunks_needed(self, prompts: Prompts) -> int:
@@ -124,7 +123,7 @@ class SdConditioner:
             dropped += tokens.dropped
             out = runners[encoder]({"input_ids": tokens.ids})
             hidden_parts.append(self._select(out["hidden_states"], prompts.clip_skip, with_negatives, tokens.chunks))
-            if encoder == self.family["pooled_from"]:
+            if encoder == self.family.pooled_from:
                 pooled = out["text_embeds"][:: tokens.chunks]
         if dropped:
             log.warning("The following part of your input was truncated because CLIP can only handle sequences up "
@@ -174,7 +173,8 @@ class SdxlConditioner(SdConditioner):
 
     def __init__(self, spec: ModelSpec, tokenizers: Mapping[str, ClipTokenizer]) -> None:
         super().__init__(spec, tokenizers)
-        self.aesthetic = bool(spec.pipeline_config.get("requires_aesthetics_score", False))
+        default = self.family.time_ids == "aesthetic"
+        self.aesthetic = bool(spec.pipeline_config.get("requires_aesthetics_score", default))
         expected = 5 if self.aesthetic else 6
         if spec.time_ids_dim != expected:
             raise ValueError(
@@ -198,13 +198,15 @@ class SdxlConditioner(SdConditioner):
 
 
 CONDITIONERS: dict[str, type[SdConditioner]] = {
-    "sd": SdConditioner,
-    "sdxl": SdxlConditioner,
-    "sdxl-refiner": SdxlConditioner,
+    "clip": SdConditioner,
+    "clip_time_ids": SdxlConditioner,
 }
-"""Family -> conditioner class."""
+"""Conditioner kind (``Family.conditioner``) -> class."""
 
 
 def conditioner_for(spec: ModelSpec, tokenizers: Mapping[str, ClipTokenizer]) -> SdConditioner:
     """The conditioner of the folder's family."""
-    return CONDITIONERS[spec.family](spec, tokenizers)
+    kind = spec.family_record.conditioner
+    if kind not in CONDITIONERS:
+        raise ValueError(f"family {spec.family!r} names conditioner {kind!r}; known kinds: {', '.join(CONDITIONERS)}")
+    return CONDITIONERS[kind](spec, tokenizers)

@@ -28,7 +28,7 @@ class Start:
     mask: np.ndarray | None = None
     """Latent-resolution mask [N, 1, h, w], 1 where the image is repainted."""
     masked_latents: np.ndarray | None = None
-    """Latents of the masked picture [N, 4, h, w] (the 9-channel UNet's extra input)."""
+    """Latents of the masked picture [N, latent channels, h, w] (the inpainting UNet's extra input)."""
 
 
 class LatentSource:
@@ -39,7 +39,7 @@ class LatentSource:
         self.request = request
         self.streams = streams
         self.vae_encoder = vae_encoder
-        self.shape = request.latent_shape(4, spec.vae_scale_factor)
+        self.shape = request.latent_shape(spec.latent_channels, spec.vae_scale_factor)
 
     def per_image(self, per_prompt_rows: np.ndarray) -> np.ndarray:
         """Rows given once or once per prompt -> one row per image (p0, p0, p1, p1)."""
@@ -94,11 +94,11 @@ def start_img2img(source: LatentSource, plan: Plan) -> Start:
     return Start(plan.add_noise(base, source.streams.draw(source.shape), 0))
 
 
-def start_inpaint(source: LatentSource, plan: Plan, unet_channels: int) -> Start:
+def start_inpaint(source: LatentSource, plan: Plan) -> Start:
     """Inpainting as StableDiffusion[XL]InpaintPipeline: image latents, noise, mask and masked-image latents."""
     req = source.request
     strength_max = req.strength == 1.0
-    blend = unet_channels == 4
+    blend = not source.spec.inpaint  # a text-to-image UNet blends; an inpainting UNet takes mask + masked latents
     pixels = source.pixels(req.images) if req.images is not None else None
     base = None
     if req.image_latents is not None or blend or (req.latents is None and not strength_max):

@@ -94,12 +94,12 @@ class Pipeline:
 
     @property
     def family(self) -> str:
-        """"sd", "sdxl" or "sdxl-refiner"."""
+        """The family name stored in the manifest (``sdexport.specs.families``: "sd", "sd2", "sdxl", ...)."""
         return self.spec.family
 
     @property
     def unet_channels(self) -> int:
-        """4 (text/image-to-image) or 9 (inpainting UNet)."""
+        """The UNet's input channels: the latent channels, or 2 x latent + 1 for an inpainting UNet."""
         return int(self.spec.components["unet"].inputs[0].dims[1])
 
     def replace_engine(self, name: str, engine: Engine) -> None:
@@ -272,7 +272,7 @@ class Pipeline:
             return start_txt2img(source, plan)
         if request.task == "img2img":
             return start_img2img(source, plan)
-        return start_inpaint(source, plan, self.unet_channels)
+        return start_inpaint(source, plan)
 
     def _parameters(self, request: Request, sched: Scheduler) -> dict[str, Any]:
         """The generation parameters, JSON-friendly (stored in PNG metadata by the CLI)."""

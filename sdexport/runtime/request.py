@@ -17,17 +17,6 @@ from sdexport.specs import ModelSpec, ShapeRanges
 
 LONG_PROMPTS = ("truncate", "chunk")
 
-# diffusers' defaults per pipeline: (guidance_scale, strength) for SD 1.x pipelines and for the SDXL ones.
-PIPELINE_DEFAULTS: dict[tuple[str, str], tuple[float, float | None]] = {
-    ("sd", "txt2img"): (7.5, None),
-    ("sd", "img2img"): (7.5, 0.8),
-    ("sd", "inpaint"): (7.5, 1.0),
-    ("sdxl", "txt2img"): (5.0, None),
-    ("sdxl", "img2img"): (5.0, 0.3),
-    ("sdxl", "inpaint"): (7.5, 0.9999),
-}
-
-
 @dataclass(frozen=True)
 class Request:
     """A validated request. Images are per prompt; ``image_latents`` is set when latents were passed as image."""
@@ -193,7 +182,7 @@ class _Pictures:
 def _pictures(spec: ModelSpec, ranges: ShapeRanges, task: str, count: int, num_images: int,
               args: dict[str, Any]) -> _Pictures:
     """Input pictures / latents / masks, and the generation size (default: the picture's, else the folder's opt)."""
-    factor, channels = spec.vae_scale_factor, latent_space(spec)[2]
+    factor, channels = spec.vae_scale_factor, spec.latent_channels
     images = image_latents = masks = None
     height, width = args["height"], args["width"]
     if task != "txt2img":
@@ -256,12 +245,13 @@ def _latents(task: str, latents: Any, shape: tuple[int, ...]) -> np.ndarray | No
 def build_request(spec: ModelSpec, ranges: ShapeRanges, args: dict[str, Any]) -> Request:
     """Validate the keyword arguments of ``Pipeline.__call__`` (``args``) for this folder; raise RequestError."""
     task = task_of(args["image"], args["mask_image"])
-    if spec.family == "sdxl-refiner" and task == "txt2img":
-        raise _fail("a refiner folder refines images: pass image= (a picture, or the base's latents from "
-                    "output_type='latent')")
+    unsupported = spec.family_record.task_error(task)
+    if unsupported:
+        raise _fail(unsupported)
     if spec.inpaint and task != "inpaint":
         raise _fail("this is an inpainting folder (9-channel UNet): pass image= and mask_image=")
-    default_guidance, default_strength = PIPELINE_DEFAULTS[("sd" if spec.family == "sd" else "sdxl", task)]
+    defaults = spec.family_record.call_defaults[task]
+    default_guidance, default_strength = defaults.guidance_scale, defaults.strength
     prompts = _prompts(spec, ranges, args)
     count = prompts.count
     per_prompt = _int(args["num_images_per_prompt"], "num_images_per_prompt", 1, ranges.batch[2])
@@ -276,7 +266,7 @@ def build_request(spec: ModelSpec, ranges: ShapeRanges, args: dict[str, Any]) ->
                        "guidance_scale", 0.0, 1e4)
     rescale = _number(args["guidance_rescale"], "guidance_rescale", 0.0, 1.0)
     factor = spec.vae_scale_factor
-    latents = _latents(task, args["latents"], (num_images, latent_space(spec)[2], pictures.height // factor,
+    latents = _latents(task, args["latents"], (num_images, spec.latent_channels, pictures.height // factor,
                                                pictures.width // factor))
     if args["output_type"] not in OUTPUT_TYPES:
         raise _fail(f"output_type={args['output_type']!r} is not one of {OUTPUT_TYPES}")
@@ -293,4 +283,4 @@ def build_request(spec: ModelSpec, ranges: ShapeRanges, args: dict[str, Any]) ->
 
 def latent_space(spec: ModelSpec) -> tuple[float, int, int]:
     """(scaling_factor, vae_scale_factor, latent channels): what decides whether latents can move between folders."""
-    return spec.scaling_factor, spec.vae_scale_factor, int(spec.components["vae_decoder"].inputs[0].dims[1])
+    return spec.scaling_factor, spec.vae_scale_factor, spec.latent_channels

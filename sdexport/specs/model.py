@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder", "unet")
-TOKENS_PER_CHUNK = 77
+from sdexport.specs.families import Family, detect_family, family
+from sdexport.specs.ranges import TOKENS_PER_CHUNK
 
-Range = tuple[int, int, int]
+COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder", "unet")
 
 
 @dataclass(frozen=True)
@@ -107,102 +107,6 @@ class ComponentSpec:
         )
 
 
-def _check_range(label: str, value: Range, multiple: int = 1) -> None:
-    lo, opt, hi = value
-    if not (1 <= lo <= opt <= hi):
-        raise ValueError(f"{label} range {value} must satisfy 1 <= min <= opt <= max")
-    bad = [v for v in value if v % multiple]
-    if bad:
-        raise ValueError(f"{label} range {value}: {bad} not a multiple of {multiple}")
-
-
-@dataclass(frozen=True)
-class ShapeRanges:
-    """What a compiled folder accepts: images per call, pixel height / width, prompt chunks of 77 tokens."""
-
-    batch: Range = (1, 1, 4)
-    height: Range = (256, 512, 1024)
-    width: Range = (256, 512, 1024)
-    prompt_chunks: int = 3
-
-    def validate(self, pixel_multiple: int) -> None:
-        """Raise ValueError naming the first range that is empty or off the pixel grid."""
-        _check_range("batch", self.batch)
-        _check_range("height", self.height, pixel_multiple)
-        _check_range("width", self.width, pixel_multiple)
-        if self.prompt_chunks < 1:
-            raise ValueError(f"prompt_chunks={self.prompt_chunks} must be >= 1")
-
-    def symbol_ranges(self, component: ComponentSpec, vae_scale_factor: int) -> dict[str, Range]:
-        """min/opt/max of every symbolic dim of ``component``."""
-        b_lo, b_opt, b_hi = self.batch
-        if component.cfg_batched:
-            # Guidance off runs batch B; guidance on runs 2B in one call. Text encoders also take every chunk.
-            chunks = self.prompt_chunks if component.name.startswith("text_encoder") else 1
-            batch = (b_lo, 2 * b_opt, 2 * b_hi * chunks)
-        else:
-            batch = self.batch
-        f = vae_scale_factor
-        values: dict[str, Range] = {
-            "batch": batch,
-            "image_height": self.height,
-            "image_width": self.width,
-            "latent_height": (self.height[0] // f, self.height[1] // f, self.height[2] // f),
-            "latent_width": (self.width[0] // f, self.width[1] // f, self.width[2] // f),
-            "sequence": (TOKENS_PER_CHUNK, TOKENS_PER_CHUNK, TOKENS_PER_CHUNK * self.prompt_chunks),
-        }
-        return {s: values[s] for s in component.symbols()}
-
-    def profile(self, component: ComponentSpec, vae_scale_factor: int) -> dict[str, dict[str, list[int]]]:
-        """Input name -> {"min","opt","max"} shapes: the engine optimisation profile and the runtime check."""
-        ranges = self.symbol_ranges(component, vae_scale_factor)
-        out: dict[str, dict[str, list[int]]] = {}
-        for tensor in component.inputs:
-            out[tensor.name] = {
-                key: list(tensor.shape({s: r[i] for s, r in ranges.items()}))
-                for i, key in enumerate(("min", "opt", "max"))
-            }
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form used in the manifest."""
-        return {
-            "batch": list(self.batch),
-            "height": list(self.height),
-            "width": list(self.width),
-            "prompt_chunks": self.prompt_chunks,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ShapeRanges:
-        """Inverse of ``to_dict``."""
-        return cls(
-            batch=tuple(data["batch"]),
-            height=tuple(data["height"]),
-            width=tuple(data["width"]),
-            prompt_chunks=int(data["prompt_chunks"]),
-        )
-
-
-# Family differences as data. ``clip_layer_offset``: the hidden state the family feeds the UNet with no clip_skip
-# (-1: last, SD; -2: penultimate, SDXL); ``final_norm``: whether that hidden state goes through the final layer
-# norm (SD yes, SDXL no); ``pooled_from``: which encoder's projected pooled output becomes ``text_embeds``.
-FAMILIES: dict[str, dict[str, Any]] = {
-    "sd": {"text_encoders": ("text_encoder",), "clip_layer_offset": 1, "final_norm": True, "pooled_from": None},
-    "sdxl": {
-        "text_encoders": ("text_encoder", "text_encoder_2"),
-        "clip_layer_offset": 2,
-        "final_norm": False,
-        "pooled_from": "text_encoder_2",
-    },
-    "sdxl-refiner": {
-        "text_encoders": ("text_encoder_2",),
-        "clip_layer_offset": 2,
-        "final_norm": False,
-        "pooled_from": "text_encoder_2",
-    },
-}
-
 _TEXT_TOL = (Tolerance(1e-4, 1e-4), Tolerance(2e-2, 2e-2))
 _UNET_TOL = (Tolerance(1e-4, 1e-3), Tolerance(3e-2, 3e-2))
 _VAE_TOL = (Tolerance(5e-4, 1e-3), Tolerance(3e-2, 3e-2))
@@ -221,10 +125,23 @@ class ModelSpec:
     time_ids_dim: int
     pipeline_config: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        family(self.family)  # an unknown family fails here, with the known ones listed
+
+    @property
+    def family_record(self) -> Family:
+        """The registered record of this spec's family."""
+        return family(self.family)
+
     @property
     def text_encoders(self) -> tuple[str, ...]:
         """Text encoder component names in the order the family concatenates them."""
-        return FAMILIES[self.family]["text_encoders"]
+        return self.family_record.encoder_names
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent space (the VAE decoder's input), whatever the UNet's input channels."""
+        return int(self.components["vae_decoder"].inputs[0].dims[1])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form used in the manifest."""
@@ -254,19 +171,8 @@ class ModelSpec:
         )
 
 
-def detect_family(unet_config: dict[str, Any], has_text_encoder: bool) -> str:
-    """Family from the UNet config and the folder structure, never from a name."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl" if has_text_encoder else "sdxl-refiner"
-    if unet_config.get("addition_embed_type") is not None:
-        raise ValueError(
-            f"unsupported UNet addition_embed_type={unet_config['addition_embed_type']!r}; "
-            "supported: None (SD 1.x / 2.x) or 'text_time' (SDXL)"
-        )
-    return "sd"
-
-
-def _text_encoder_spec(name: str, hidden: int, skip_options: int, pooled_dim: int | None) -> ComponentSpec:
+def _text_encoder_spec(name: str, hidden: int, skip_options: int, pooled_dim: int | None,
+                       fp16: bool) -> ComponentSpec:
     outputs = [TensorSpec("hidden_states", "float32", ("batch", skip_options, TOKENS_PER_CHUNK, hidden))]
     if pooled_dim is not None:
         outputs.append(TensorSpec("text_embeds", "float32", ("batch", pooled_dim)))
@@ -277,54 +183,52 @@ def _text_encoder_spec(name: str, hidden: int, skip_options: int, pooled_dim: in
         cfg_batched=True,
         tolerance_fp32=_TEXT_TOL[0],
         tolerance_fp16=_TEXT_TOL[1],
+        fp16_by_default=fp16,
     )
 
 
-def model_spec(
-    unet_config: dict[str, Any],
-    vae_config: dict[str, Any],
-    text_configs: dict[str, dict[str, Any]],
-    pipeline_config: dict[str, Any] | None = None,
-) -> ModelSpec:
-    """Build the ModelSpec of a pipeline from its own configs (UNet, VAE, each text encoder, model_index)."""
-    family = detect_family(unet_config, "text_encoder" in text_configs)
-    info = FAMILIES[family]
-    missing = [n for n in info["text_encoders"] if n not in text_configs]
+def _text_components(info: Family, text_configs: dict[str, dict[str, Any]]) -> tuple[dict[str, ComponentSpec], int]:
+    """The family's text encoder specs and clip_skip_max."""
+    missing = [n for n in info.encoder_names if n not in text_configs]
     if missing:
-        raise ValueError(f"a {family} pipeline needs {missing}; found text encoders {sorted(text_configs)}")
-    offset = info["clip_layer_offset"]
-    layers = min(int(text_configs[n]["num_hidden_layers"]) for n in info["text_encoders"])
+        raise ValueError(f"a {info.name} pipeline needs {missing}; found text encoders {sorted(text_configs)}")
     # clip_skip k selects hidden state -(offset + k); keep every k that exists, at most 4 (users pick 1 or 2).
-    clip_skip_max = max(0, min(4, layers + 1 - offset))
+    clip_skip_max = max(0, min(4, *(int(text_configs[e.name]["num_hidden_layers"]) + 1 - e.clip_layer_offset
+                                    for e in info.text_encoders)))
     components: dict[str, ComponentSpec] = {}
-    for name in info["text_encoders"]:
-        cfg = text_configs[name]
-        pooled = int(cfg.get("projection_dim", cfg["hidden_size"])) if info["pooled_from"] == name else None
-        components[name] = _text_encoder_spec(name, int(cfg["hidden_size"]), clip_skip_max + 1, pooled)
+    for enc in info.text_encoders:
+        cfg = text_configs[enc.name]
+        pooled = int(cfg.get("projection_dim", cfg["hidden_size"])) if enc.pooled else None
+        components[enc.name] = _text_encoder_spec(enc.name, int(cfg["hidden_size"]), clip_skip_max + 1, pooled,
+                                                  fp16=enc.name not in info.fp32_components)
+    return components, clip_skip_max
 
-    latent = int(vae_config.get("latent_channels", 4))
-    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    components["vae_encoder"] = ComponentSpec(
-        name="vae_encoder",
-        inputs=(TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width")),),
-        outputs=(TensorSpec("moments", "float32", ("batch", 2 * latent, "latent_height", "latent_width")),),
-        cfg_batched=False,
-        tolerance_fp32=_VAE_TOL[0],
-        tolerance_fp16=_VAE_TOL[1],
-        fp16_by_default=family == "sd",
-    )
-    components["vae_decoder"] = ComponentSpec(
-        name="vae_decoder",
-        inputs=(TensorSpec("latent", "float32", ("batch", latent, "latent_height", "latent_width")),),
-        outputs=(TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width")),),
-        cfg_batched=False,
-        tolerance_fp32=_VAE_TOL[0],
-        tolerance_fp16=_VAE_TOL[1],
-        fp16_by_default=family == "sd",  # the SDXL VAE overflows in fp16
-    )
 
+def _vae_components(info: Family, latent: int) -> dict[str, ComponentSpec]:
+    """VAE encoder (image -> moments) and decoder (latent -> image) specs."""
+    image = ("batch", 3, "image_height", "image_width")
+    latents = ("batch", latent, "latent_height", "latent_width")
+    moments = ("batch", 2 * latent, "latent_height", "latent_width")
+    return {
+        name: ComponentSpec(
+            name=name,
+            inputs=(TensorSpec(inp, "float32", in_dims),),
+            outputs=(TensorSpec(out, "float32", out_dims),),
+            cfg_batched=False,
+            tolerance_fp32=_VAE_TOL[0],
+            tolerance_fp16=_VAE_TOL[1],
+            fp16_by_default=name not in info.fp32_components,
+        )
+        for name, inp, in_dims, out, out_dims in (("vae_encoder", "image", image, "moments", moments),
+                                                  ("vae_decoder", "latent", latents, "image", image))
+    }
+
+
+def _unet_component(info: Family, unet_config: dict[str, Any], latent: int,
+                    components: dict[str, ComponentSpec]) -> tuple[ComponentSpec, int]:
+    """The UNet spec (sample, timestep, text states and the family's added conditions) and its time ids width."""
     in_ch = int(unet_config["in_channels"])
-    if in_ch not in (4, 9) or (in_ch == 9) != (latent * 2 + 1 == in_ch):
+    if in_ch not in (latent, 2 * latent + 1):
         raise ValueError(f"UNet in_channels={in_ch}: supported are {latent} (text/image-to-image) "
                          f"and {2 * latent + 1} (inpainting)")
     cross = int(unet_config["cross_attention_dim"])
@@ -334,8 +238,8 @@ def model_spec(
         TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", cross)),
     ]
     time_ids_dim = 0
-    if info["pooled_from"] is not None:
-        pooled_dim = components[info["pooled_from"]].outputs[1].dims[1]
+    if info.added_conditions:
+        pooled_dim = components[info.pooled_from].outputs[1].dims[1]
         time_ids_dim = (int(unet_config["projection_class_embeddings_input_dim"]) - int(pooled_dim)) // int(
             unet_config["addition_time_embed_dim"]
         )
@@ -343,21 +247,37 @@ def model_spec(
             TensorSpec("text_embeds", "float32", ("batch", pooled_dim)),
             TensorSpec("time_ids", "float32", ("batch", time_ids_dim)),
         ]
-    components["unet"] = ComponentSpec(
+    out_ch = int(unet_config.get("out_channels", latent))
+    unet = ComponentSpec(
         name="unet",
         inputs=tuple(unet_inputs),
-        outputs=(TensorSpec("out_sample", "float32", ("batch", int(unet_config.get("out_channels", 4)),
-                                                      "latent_height", "latent_width")),),
+        outputs=(TensorSpec("out_sample", "float32", ("batch", out_ch, "latent_height", "latent_width")),),
         cfg_batched=True,
         tolerance_fp32=_UNET_TOL[0],
         tolerance_fp16=_UNET_TOL[1],
+        fp16_by_default="unet" not in info.fp32_components,
     )
+    return unet, time_ids_dim
+
+
+def model_spec(
+    unet_config: dict[str, Any],
+    vae_config: dict[str, Any],
+    text_configs: dict[str, dict[str, Any]],
+    pipeline_config: dict[str, Any] | None = None,
+) -> ModelSpec:
+    """Build the ModelSpec of a pipeline from its own configs (UNet, VAE, each text encoder, model_index)."""
+    info = family(detect_family(unet_config, text_configs))
+    components, clip_skip_max = _text_components(info, text_configs)
+    latent = int(vae_config.get("latent_channels", info.latent_channels))
+    components.update(_vae_components(info, latent))
+    components["unet"], time_ids_dim = _unet_component(info, unet_config, latent, components)
     return ModelSpec(
-        family=family,
-        inpaint=in_ch == 2 * latent + 1,
+        family=info.name,
+        inpaint=int(unet_config["in_channels"]) == 2 * latent + 1,
         components={n: components[n] for n in COMPONENT_ORDER if n in components},
-        vae_scale_factor=vae_scale,
-        scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
+        vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+        scaling_factor=float(vae_config.get("scaling_factor", info.scaling_factor)),
         clip_skip_max=clip_skip_max,
         time_ids_dim=time_ids_dim,
         pipeline_config=dict(pipeline_config or {}),

@@ -1,4 +1,4 @@
-"""Named presets: the five family presets (canonical hub repositories) and their tiny, seeded counterparts."""
+"""Named presets: one line per released model (its hub repository and family), each with a tiny, seeded twin."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from sdexport.specs.model import ShapeRanges
+from sdexport.specs.families import family
+from sdexport.specs.ranges import ShapeRanges
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class Preset:
     hub_id: str | None
     tiny: bool
     default_ranges: ShapeRanges
+    family: str
 
     def configs(self) -> dict[str, Any]:
         """The embedded configs of this architecture: model_index, unet, vae, text encoders, scheduler."""
@@ -31,23 +33,22 @@ def _load_configs(name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-_SD_RANGES = ShapeRanges(batch=(1, 1, 4), height=(256, 512, 1024), width=(256, 512, 1024))
-_SDXL_RANGES = ShapeRanges(batch=(1, 1, 4), height=(512, 1024, 1536), width=(512, 1024, 1536))
 TINY_RANGES = ShapeRanges(batch=(1, 1, 4), height=(32, 64, 256), width=(32, 64, 256))
 
+# (preset, hub repository, family, tiny twin): the tiny twin's configs are data/<tiny twin>.json.
+_RELEASED: tuple[tuple[str, str, str, str], ...] = (
+    ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", "tiny-sd15"),
+    ("sd15-inpaint", "stable-diffusion-v1-5/stable-diffusion-inpainting", "sd", "tiny-sd15-inpaint"),
+    ("sd21", "stabilityai/stable-diffusion-2-1", "sd2", "tiny-sd2"),
+    ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "tiny-sdxl"),
+    ("sdxl-refiner", "stabilityai/stable-diffusion-xl-refiner-1.0", "sdxl-refiner", "tiny-sdxl-refiner"),
+    ("sdxl-inpaint", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1", "sdxl", "tiny-sdxl-inpaint"),
+)
+
 FAMILY_PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", False, _SD_RANGES),
-        Preset("sd15-inpaint", "stable-diffusion-v1-5/stable-diffusion-inpainting", False, _SD_RANGES),
-        Preset("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", False, _SDXL_RANGES),
-        Preset("sdxl-refiner", "stabilityai/stable-diffusion-xl-refiner-1.0", False, _SDXL_RANGES),
-        Preset("sdxl-inpaint", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1", False, _SDXL_RANGES),
-    )
+    name: Preset(name, hub_id, False, family(fam).default_ranges, fam) for name, hub_id, fam, _ in _RELEASED
 }
-TINY_PRESETS: dict[str, Preset] = {
-    f"tiny-{name}": Preset(f"tiny-{name}", None, True, TINY_RANGES) for name in FAMILY_PRESETS
-}
+TINY_PRESETS: dict[str, Preset] = {tiny: Preset(tiny, None, True, TINY_RANGES, fam) for _, _, fam, tiny in _RELEASED}
 PRESETS: dict[str, Preset] = {**FAMILY_PRESETS, **TINY_PRESETS}
 
 
@@ -56,8 +57,6 @@ def resolve_preset(name: str) -> Preset | None:
     return PRESETS.get(name)
 
 
-def default_ranges_for(family: str, tiny: bool) -> ShapeRanges:
+def default_ranges_for(family_name: str, tiny: bool) -> ShapeRanges:
     """Default shape ranges for a family when the source is not a preset."""
-    if tiny:
-        return TINY_RANGES
-    return _SD_RANGES if family == "sd" else _SDXL_RANGES
+    return TINY_RANGES if tiny else family(family_name).default_ranges
