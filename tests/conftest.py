@@ -6,6 +6,7 @@ Set SDEXPORT_TEST_BUILDS=/some/dir to keep the tiny folders between sessions (bu
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+
+# Test doubles live in tests/fakes/ and are imported as ``fakes.*`` (also by spawned builder processes).
+_TESTS = str(Path(__file__).parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 
 @pytest.fixture(scope="session")
