@@ -123,7 +123,7 @@ def parity_table() -> Any:
 @pytest.fixture
 def parity_run(request: pytest.FixtureRequest, tiny_source: Callable[[str], Any], tiny_pipe: Callable[[str], Any],
                parity_table: list[tuple[str, float, float]]) -> Callable[..., ParityRun]:
-    """``parity_run(preset, task, seeds=[...], scheduler=..., **diffusers_kwargs)`` -> ParityRun.
+    """``parity_run(preset, task, seeds=[...], scheduler=..., pipe=None, **diffusers_kwargs)`` -> ParityRun.
 
     diffusers gets one CPU torch.Generator per image, the runtime the same seeds with ``rng="torch"``, so both draw
     identical noise. Both capture the final latents through their step callbacks and return [0, 1] float images.
@@ -132,8 +132,8 @@ def parity_run(request: pytest.FixtureRequest, tiny_source: Callable[[str], Any]
     from sdexport.export.parity import diffusers_pipeline, torch_generators
 
     def run(preset: str, task: str, seeds: list[int], scheduler: str | None = None,
-            scheduler_config: dict[str, Any] | None = None, **kwargs: Any) -> ParityRun:
-        pipe = tiny_pipe(preset)
+            scheduler_config: dict[str, Any] | None = None, pipe: Any = None, **kwargs: Any) -> ParityRun:
+        pipe = pipe or tiny_pipe(preset)  # another loaded Pipeline of the preset's folder (e.g. another backend)
         oracle = diffusers_pipeline(tiny_source(preset).pipe, pipe.spec, task, scheduler, scheduler_config)
         captured: list[np.ndarray] = []
 
