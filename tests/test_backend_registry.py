@@ -109,3 +109,30 @@ def test_dummy_backend_builds_loads_and_runs_a_tiny_folder(dummy: Backend, tiny_
     np.testing.assert_array_equal(ours, tiny_pipe("tiny-sd15")(**kwargs).images)  # same graphs, same runtime
     with pytest.raises(ValueError, match=r"backend 'dummy' has no option\(s\) \['device'\]; allowed: \['threads'\]"):
         Pipeline.load(folder, backend="dummy", engine_options={"device": 0})
+
+
+def test_tensorrt_flags_come_from_its_declared_options() -> None:
+    from sdexport.cli import _backend_values
+    from sdexport.engines.tensorrt.build import TrtOptions
+    from sdexport.engines.tensorrt.profiles import Bucket
+
+    trt = get_backend("tensorrt")
+    args = parser().parse_args(["build", "--backend", "tensorrt", "--bucket", "64x48", "--bucket", "32x32",
+                                "--shapes", "both", "--refittable", "--trt-components", "unet", "vae_decoder",
+                                "--device", "1", "--build-timeout", "5", "--timing-cache", "/tmp/t.cache"])
+    assert trt.build_config(_backend_values(args, trt)) == TrtOptions(
+        shapes="both", buckets=(Bucket(64, 48), Bucket(32, 32)), refittable=True, components=("unet", "vae_decoder"),
+        device=1, timeout_s=5.0, timing_cache=Path("/tmp/t.cache"))
+    assert trt.build_config(None) == TrtOptions()  # the defaults of the flags are TrtOptions' own
+    assert trt.build_config(_backend_values(parser().parse_args(["build"]), trt)) == TrtOptions()
+    with pytest.raises(SystemExit):
+        parser().parse_args(["build", "--hardware-compatibility", "any"])
+    with pytest.raises(ValueError, match=r"backend 'tensorrt' has no build option\(s\) \['fp8'\]; allowed: "):
+        trt.build_config({"fp8": True})
+
+
+def test_option_kinds_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"option 'x': kind 'list' is not one of"):
+        Option("x", "help", kind="list")
+    with pytest.raises(TypeError, match="takes a Backend record"):
+        register_backend("dummy")  # type: ignore[arg-type]
