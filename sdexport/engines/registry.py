@@ -1,8 +1,9 @@
 """The backend registry: one ``Backend`` record per engine backend, read by the runtime, the build, the CLI and doctor.
 
-A backend is declared once, in its own module (``engines/ort.py``, ``engines/tensorrt/__init__.py``), with
-``register_backend(Backend(...))``. Its hooks are callables or ``"module:attribute"`` paths imported on first use,
-so reading the registry (CLI choices, ``--help``, doctor) never imports a GPU library.
+A backend is declared once, in its own module (``engines/ort.py``, ``engines/openvino.py``,
+``engines/tensorrt/__init__.py``), with ``register_backend(Backend(...))``. Its hooks are callables or
+``"module:attribute"`` paths imported on first use, so reading the registry (CLI choices, ``--help``, doctor) never
+imports a GPU library.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODULES = ("sdexport.engines.ort", "sdexport.engines.tensorrt")
+BUILTIN_MODULES = ("sdexport.engines.ort", "sdexport.engines.openvino", "sdexport.engines.tensorrt")
 """Modules that declare the built-in backends (imported when the registry is first read)."""
 OPTION_KINDS = ("value", "switch", "repeat", "many")
 
