@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
     if PEER in systems and not args.diffusers:
         ap.error("diffusers-cuda needs --diffusers (a hub id or a local diffusers folder of the same weights)")
-    from sdexport.engines.compat import probe_environment
     from sdexport.engines.doctor import diagnose
+    from sdexport.engines.tensorrt.compat import probe_environment
 
     env = probe_environment()
     if not env.gpus:

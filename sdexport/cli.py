@@ -7,8 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sdexport import __version__
+from sdexport.engines import Backend, Option, backends, get_backend
 from sdexport.errors import SdexportError, UsageError
 from sdexport.specs import PRESETS
 
@@ -52,23 +54,47 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="instantiate a family preset's full-size architecture with random weights (no download)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin/.ckpt) weights you trust")
-    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
-                   help="tensorrt also builds engines from the graphs (needs an NVIDIA GPU)")
-    t = p.add_argument_group("TensorRT (with --backend tensorrt)")
-    t.add_argument("--shapes", choices=("static", "dynamic", "both"), default="static",
-                   help="static shape buckets (fastest), one dynamic profile over the ranges, or both")
-    t.add_argument("--bucket", action="append", default=[], metavar="WxH", help="a static size bucket; repeatable")
-    t.add_argument("--refittable", action="store_true", help="refittable engines (LoRA hot swap without rebuild)")
-    t.add_argument("--strip-weights", action="store_true", help="weightless plans, refitted from the graphs at load")
-    t.add_argument("--workspace-gib", type=float, help="builder workspace limit")
-    t.add_argument("--optimization-level", type=int, default=3, help="builder optimisation level 0..5")
-    t.add_argument("--version-compatible", action="store_true", help="plans that load on later TensorRT versions")
-    t.add_argument("--exclude-lean-runtime", action="store_true", help="with --version-compatible: smaller plans")
-    t.add_argument("--hardware-compatibility", choices=("none", "same-cc", "ampere+"), default="none")
-    t.add_argument("--timing-cache", type=Path, help="timing cache file to reuse across builds")
-    t.add_argument("--trt-components", nargs="+", help="build engines for these components only")
-    t.add_argument("--device", type=int, default=0, help="CUDA device to build on")
-    t.add_argument("--build-timeout", type=float, help="seconds one engine build may take")
+    _add_backend_choice(p)
+    for backend in backends().values():
+        if backend.build_options:
+            _add_backend_options(p.add_argument_group(f"{backend.label} (with --backend {backend.name})"), backend)
+
+
+def _add_backend_choice(p: argparse.ArgumentParser) -> None:
+    """``--backend``, its choices and help from the backend registry."""
+    found = backends()
+    p.add_argument("--backend", choices=list(found), default="onnxruntime",
+                   help="; ".join(f"{name}: {b.help}" for name, b in found.items()))
+
+
+def _option_dest(backend: Backend, option: Option) -> str:
+    return f"backend:{backend.name}:{option.name}"
+
+
+def _add_backend_options(group: argparse._ArgumentGroup, backend: Backend) -> None:
+    """One flag per build option the backend declares (type, default, choices and help from its Option)."""
+    for option in backend.build_options:
+        if not option.cli:
+            continue
+        kwargs: dict[str, Any] = {"dest": _option_dest(backend, option), "help": option.help}
+        if option.kind == "switch":
+            kwargs.update(action=argparse.BooleanOptionalAction if option.default else "store_true",
+                          default=bool(option.default))
+        else:
+            metavar = option.metavar or (None if option.choices else option.name.upper())
+            kwargs.update(type=option.type, choices=option.choices, metavar=metavar, default=option.default)
+            if option.default not in (None, [], ()):
+                kwargs["help"] += " (default: %(default)s)"
+            if option.kind == "repeat":
+                kwargs.update(action="append", default=list(option.default or []))
+            elif option.kind == "many":
+                kwargs["nargs"] = "+"
+        group.add_argument(option.cli_flag, **kwargs)
+
+
+def _backend_values(args: argparse.Namespace, backend: Backend) -> dict[str, Any]:
+    """The build option values of ``backend`` from parsed arguments (options without a flag keep their default)."""
+    return {o.name: getattr(args, _option_dest(backend, o)) for o in backend.build_options if o.cli}
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -119,7 +145,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--long-prompts", default="truncate", help="truncate (diffusers) or chunk (up to the folder's "
                    "prompt chunks)")
     p.add_argument("--rng", default="numpy", help="numpy, or torch: the same noise as diffusers' CPU generator")
-    p.add_argument("--backend", default="onnxruntime")
+    _add_backend_choice(p)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster start)")
     p.add_argument("--no-progress", action="store_true")
@@ -211,20 +237,6 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _trt_options(args: argparse.Namespace) -> object:
-    from sdexport.engines.trt_build import TrtOptions
-    from sdexport.engines.trt_profiles import Bucket
-
-    return TrtOptions(
-        shapes=args.shapes, buckets=tuple(Bucket.parse(b) for b in args.bucket) or None,
-        workspace_gib=args.workspace_gib, optimization_level=args.optimization_level, refittable=args.refittable,
-        strip_weights=args.strip_weights, version_compatible=args.version_compatible,
-        exclude_lean_runtime=args.exclude_lean_runtime, hardware_compatibility=args.hardware_compatibility,
-        timing_cache=args.timing_cache, components=tuple(args.trt_components) if args.trt_components else None,
-        device=args.device, timeout_s=args.build_timeout,
-    )
-
-
 def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="GPU, driver, CUDA, TensorRT / ONNX Runtime, and whether FOLDER can run here")
     p.add_argument("folder", type=Path, nargs="?")
@@ -271,7 +283,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         model=args.model, out=out, loras=[LoraSpec.parse(t) for t in args.lora], precision=args.precision,
         component_precision=dict(args.component_precision), ranges=ranges,
         random_weights=args.random_weights, allow_pickle=args.allow_pickle, backend=args.backend,
-        trt=_trt_options(args) if args.backend == "tensorrt" else None,
+        backend_options=_backend_values(args, get_backend(args.backend)),
     )
     build(config, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     return 0

@@ -6,6 +6,7 @@ Set SDEXPORT_TEST_BUILDS=/some/dir to keep the tiny folders between sessions (bu
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+
+# Test doubles live in tests/fakes/ and are imported as ``fakes.*`` (also by spawned builder processes).
+_TESTS = str(Path(__file__).parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +123,7 @@ def parity_table() -> Any:
 @pytest.fixture
 def parity_run(request: pytest.FixtureRequest, tiny_source: Callable[[str], Any], tiny_pipe: Callable[[str], Any],
                parity_table: list[tuple[str, float, float]]) -> Callable[..., ParityRun]:
-    """``parity_run(preset, task, seeds=[...], scheduler=..., **diffusers_kwargs)`` -> ParityRun.
+    """``parity_run(preset, task, seeds=[...], scheduler=..., pipe=None, **diffusers_kwargs)`` -> ParityRun.
 
     diffusers gets one CPU torch.Generator per image, the runtime the same seeds with ``rng="torch"``, so both draw
     identical noise. Both capture the final latents through their step callbacks and return [0, 1] float images.
@@ -126,8 +132,8 @@ def parity_run(request: pytest.FixtureRequest, tiny_source: Callable[[str], Any]
     from sdexport.export.parity import diffusers_pipeline, torch_generators
 
     def run(preset: str, task: str, seeds: list[int], scheduler: str | None = None,
-            scheduler_config: dict[str, Any] | None = None, **kwargs: Any) -> ParityRun:
-        pipe = tiny_pipe(preset)
+            scheduler_config: dict[str, Any] | None = None, pipe: Any = None, **kwargs: Any) -> ParityRun:
+        pipe = pipe or tiny_pipe(preset)  # another loaded Pipeline of the preset's folder (e.g. another backend)
         oracle = diffusers_pipeline(tiny_source(preset).pipe, pipe.spec, task, scheduler, scheduler_config)
         captured: list[np.ndarray] = []
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdexport.engines import compat
+from sdexport.engines.tensorrt import compat
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
 

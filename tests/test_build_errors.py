@@ -202,10 +202,10 @@ def test_pickle_lora_refused(tmp_path: Path) -> None:
 
 def test_tensorrt_backend_without_gpu_fails_before_any_export(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from sdexport.engines import compat
+    from sdexport.engines.tensorrt import compat
 
     monkeypatch.setattr(compat, "probe_environment", lambda: compat.Environment(gpu_error="no GPU in this test"))
-    monkeypatch.setattr("sdexport.engines.trt_build.probe_environment", compat.probe_environment)
+    monkeypatch.setattr("sdexport.engines.tensorrt.build.probe_environment", compat.probe_environment)
     code = main(["build", "--model", "tiny-sd15", "--out", str(tmp_path / "trt"), "--backend", "tensorrt"])
     assert code == 1
     assert "needs an NVIDIA GPU" in capsys.readouterr().err

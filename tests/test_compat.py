@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sdexport.engines import compat
 from sdexport.engines.artifacts import sha256_file
-from sdexport.engines.compat import Environment, GpuInfo, engine_problems, engine_warnings
+from sdexport.engines.tensorrt import compat
+from sdexport.engines.tensorrt.compat import Environment, GpuInfo, engine_problems, engine_warnings
 from sdexport.errors import ArtifactError, CompatibilityError
 
 SMI_CSV = """0, NVIDIA GeForce RTX 4090, 8.9, 24564, 560.35.03, GPU-aaaa-1111

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from sdexport.engines.artifacts import write_manifest
-from sdexport.engines.compat import Environment, GpuInfo
 from sdexport.engines.doctor import DoctorReport, diagnose, format_report, run_doctor
+from sdexport.engines.tensorrt.compat import Environment, GpuInfo
 
 ADA = GpuInfo(0, "NVIDIA GeForce RTX 4090", "8.9", 24564, "GPU-1")
 HERE = Environment(gpus=(ADA,), driver_version="560.35.03", cuda_version="12.6", tensorrt_version="10.16.1.11")

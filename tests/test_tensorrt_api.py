@@ -3,7 +3,7 @@
 The API surfaces in tests/data/tensorrt_api/<version>.json were listed from NVIDIA's real bindings wheels
 (``tensorrt_cu12_bindings``, 1.3 MB) with null stub libraries standing in for libnvinfer, which needs a GPU. When
 pip and gcc can reach the wheels, ``test_snapshot_is_the_real_api`` lists them again and compares, so the stored
-surfaces cannot drift from what NVIDIA ships. ``trt_api_names.txt`` must cover every TensorRT attribute the code
+surfaces cannot drift from what NVIDIA ships. ``api_names.txt`` must cover every TensorRT attribute the code
 touches, which ``test_names_file_covers_the_code`` checks by reading the code.
 """
 
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-import sdexport.engines
+import sdexport.engines.tensorrt
 
-ENGINES = Path(sdexport.engines.__file__).parent
-NAMES_FILE = ENGINES / "trt_api_names.txt"
+TRT_DIR = Path(sdexport.engines.tensorrt.__file__).parent
+NAMES_FILE = TRT_DIR / "api_names.txt"
 SNAPSHOTS = Path(__file__).parent / "data" / "tensorrt_api"
 VERSIONS = sorted((p.stem for p in SNAPSHOTS.glob("*.json")), key=lambda v: tuple(int(x) for x in v.split(".")))
-TRT_CODE = (ENGINES / "tensorrt.py", ENGINES / "trt_runtime.py")
-CUDA_CODE = ENGINES / "trt_cuda.py"
+TRT_CODE = (TRT_DIR / "layer.py", TRT_DIR / "runtime.py")
+CUDA_CODE = TRT_DIR / "cuda.py"
 REMOVED_IN_11 = ("BuilderFlag.FP16", "BuilderFlag.INT8", "NetworkDefinitionCreationFlag.EXPLICIT_BATCH",
                  "Builder.platform_has_fast_fp16", "ICudaEngine.device_memory_size")
 # Variable names the TensorRT code gives TensorRT objects, and their classes (how the code scan types them).
@@ -101,7 +101,7 @@ def test_names_removed_in_11_are_absent_there_and_unused() -> None:
     newest = surface(VERSIONS[-1])
     assert not [n for n in REMOVED_IN_11 if exists(newest, n)]
     assert all(exists(surface(VERSIONS[0]), n) for n in REMOVED_IN_11[:3])  # 10.x still had them
-    code = "\n".join(p.read_text() for p in (*TRT_CODE, ENGINES / "trt_build.py"))
+    code = "\n".join(p.read_text() for p in (*TRT_CODE, TRT_DIR / "build.py"))
     for name in ("FP16", "INT8", "EXPLICIT_BATCH", "platform_has_fast_fp16"):
         assert f'"{name}"' not in code and f".{name}" not in code, name
 
@@ -132,10 +132,10 @@ def test_names_file_covers_the_code() -> None:
     api = surface(VERSIONS[-1])
     # Attributes on variables named like TensorRT objects that are not TensorRT API (TensorSpec.name) are fine.
     unlisted = sorted(n for n in used if n not in listed and not (n.startswith("ITensor.") and exists(api, n)))
-    assert not unlisted, f"add to trt_api_names.txt: {unlisted}"
-    text = "\n".join(p.read_text() for p in (*TRT_CODE, ENGINES / "trt_build.py"))
+    assert not unlisted, f"add to api_names.txt: {unlisted}"
+    text = "\n".join(p.read_text() for p in (*TRT_CODE, TRT_DIR / "build.py"))
     stale = sorted(n for n in listed if n.rsplit(".", 1)[-1] not in text)
-    assert not stale, f"trt_api_names.txt lists names the code no longer uses: {stale}"
+    assert not stale, f"api_names.txt lists names the code no longer uses: {stale}"
 
 
 def test_cuda_names_file_covers_the_code() -> None:

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_tensorrt_fake import NEWEST, OLDEST, FakeTrt, copied_folder, fake_build_target, install
+from fakes.tensorrt import NEWEST, OLDEST, FakeTrt, copied_folder, fake_build_target, install
 
-from sdexport.engines import tensorrt as trt_layer
 from sdexport.engines.artifacts import load_manifest
-from sdexport.engines.compat import Environment, GpuInfo
-from sdexport.engines.trt_build import (
+from sdexport.engines.tensorrt import layer as trt_layer
+from sdexport.engines.tensorrt.build import (
     BuildJob,
     EngineBuildError,
     TrtOptions,
@@ -26,7 +25,8 @@ from sdexport.engines.trt_build import (
     run_isolated,
     timing_cache_path,
 )
-from sdexport.engines.trt_profiles import Bucket
+from sdexport.engines.tensorrt.compat import Environment, GpuInfo
+from sdexport.engines.tensorrt.profiles import Bucket
 from sdexport.errors import CompatibilityError, SdexportError
 
 ADA = GpuInfo(0, "NVIDIA GeForce RTX 4090", "8.9", 24564, "GPU-1234")
@@ -111,7 +111,7 @@ def test_same_compute_capability_needs_a_tensorrt_that_has_it() -> None:
 
 def _job(folder: Path, name: str, tmp_path: Path, cache: Path | None) -> BuildJob:
     manifest = load_manifest(folder)
-    from sdexport.engines.trt_profiles import component_profiles
+    from sdexport.engines.tensorrt.profiles import component_profiles
     from sdexport.specs import ModelSpec, ShapeRanges
 
     spec = ModelSpec.from_dict(manifest["model"])

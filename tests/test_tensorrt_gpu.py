@@ -11,12 +11,12 @@ import onnxruntime as ort
 import pytest
 from safetensors.numpy import save_file
 
-from sdexport.engines import compat
 from sdexport.engines.artifacts import load_manifest, write_manifest
 from sdexport.engines.lora import LoraSwapper, ort_session
-from sdexport.engines.trt_build import TrtOptions, build_engines
-from sdexport.engines.trt_profiles import Bucket
-from sdexport.engines.trt_runtime import Worker, load_components
+from sdexport.engines.tensorrt import compat
+from sdexport.engines.tensorrt.build import TrtOptions, build_engines
+from sdexport.engines.tensorrt.profiles import Bucket
+from sdexport.engines.tensorrt.runtime import Worker, load_components
 from sdexport.export.onnx import dummy_inputs
 from sdexport.specs import ModelSpec
 

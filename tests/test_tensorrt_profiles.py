@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sdexport.engines.trt_profiles import (
+from sdexport.engines.tensorrt.profiles import (
     Bucket,
     ProfileSpec,
     check_profile,
@@ -122,7 +122,7 @@ def test_profile_round_trips_through_json() -> None:
 
 def test_ort_gpu_providers_carry_the_folder_profile_and_caches(tmp_path: Path) -> None:
     from sdexport.engines.ort import check_providers
-    from sdexport.engines.trt_profiles import ort_gpu_providers
+    from sdexport.engines.tensorrt.profiles import ort_gpu_providers
 
     profile = {"sample": {"min": [1, 4, 4, 4], "opt": [2, 4, 8, 8], "max": [8, 4, 32, 32]},
                "timestep": {"min": [1], "opt": [2], "max": [8]}}

@@ -1,4 +1,4 @@
-"""TensorRT runtime bookkeeping on CPU, against the fake TensorRT / CUDA (tests/test_tensorrt_fake*.py): checks
+"""TensorRT runtime bookkeeping on CPU, against the fake TensorRT / CUDA (tests/fakes/tensorrt*.py): checks
 before deserializing, profile selection, buffers and contexts per shape, shared scratch memory, CUDA graph
 capture / replay / invalidation, device arrays in and out, and LoRA refits (A -> B -> A, back to base)."""
 
@@ -10,18 +10,20 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from fakes.tensorrt import NEWEST, copied_folder, fake_build_target, install
+from fakes.tensorrt_runtime import FakeCuda, StrictArrays
 from safetensors.numpy import save_file
-from test_tensorrt_fake import NEWEST, copied_folder, fake_build_target, install
-from test_tensorrt_fake_runtime import FakeCuda, StrictArrays
 
-from sdexport.engines import compat, trt_runtime
+from sdexport.engines import get_backend
 from sdexport.engines.artifacts import load_manifest, write_manifest
-from sdexport.engines.compat import Environment, GpuInfo
 from sdexport.engines.lora import LoraSwapper, ort_session
-from sdexport.engines.trt_build import TrtOptions, build_engines
-from sdexport.engines.trt_cuda import DeviceArray
-from sdexport.engines.trt_profiles import Bucket
-from sdexport.engines.trt_runtime import Worker, load_components
+from sdexport.engines.tensorrt import compat
+from sdexport.engines.tensorrt import runtime as trt_runtime
+from sdexport.engines.tensorrt.build import TrtOptions, build_engines
+from sdexport.engines.tensorrt.compat import Environment, GpuInfo
+from sdexport.engines.tensorrt.cuda import DeviceArray
+from sdexport.engines.tensorrt.profiles import Bucket
+from sdexport.engines.tensorrt.runtime import Worker, load_components
 from sdexport.errors import ArtifactError, CompatibilityError
 from sdexport.export.onnx import dummy_inputs
 from sdexport.specs import ModelSpec
@@ -244,7 +246,7 @@ def test_backend_factory_shares_one_session_and_worker_per_folder(built: dict[st
     feeds = _feeds(built, 4)
     np.testing.assert_allclose(unet.run(feeds)["out_sample"], _ort(built, "unet", feeds), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="no option"):
-        trt_runtime.tensorrt_backend(component("unet"), {"fp16": True})
+        get_backend("tensorrt").open_component(component("unet"), {"fp16": True})
     with pytest.raises(CompatibilityError, match="no TensorRT engine for text_encoder"):
         trt_runtime.tensorrt_backend(component("text_encoder"), {})
 
@@ -274,7 +276,7 @@ class _Rt:
 
 
 def test_cuda_api_records_graphs_in_order_and_turns_errors_into_exceptions() -> None:
-    from sdexport.engines.trt_cuda import CudaApi, CudaError
+    from sdexport.engines.tensorrt.cuda import CudaApi, CudaError
 
     rt = _Rt()
     api = CudaApi(rt)
@@ -292,7 +294,7 @@ def test_cuda_api_records_graphs_in_order_and_turns_errors_into_exceptions() -> 
 
 def test_cuda_api_over_the_real_cuda_python() -> None:
     runtime = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed (gpu extra)")
-    from sdexport.engines.trt_cuda import CudaApi, CudaError
+    from sdexport.engines.tensorrt.cuda import CudaApi, CudaError
 
     api = CudaApi(runtime)
     try:

@@ -1,4 +1,4 @@
-"""`sdexport doctor [FOLDER]`: this machine's GPU, driver, CUDA, TensorRT and ONNX Runtime, and FOLDER's verdict.
+"""`sdexport doctor [FOLDER]`: this machine's GPU, driver, CUDA, every registered backend, and FOLDER's verdict.
 
 Returns data plus a text report; never constructs a TensorRT object (every probe runs in a child process).
 """
@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sdexport.engines import compat
+from sdexport.engines import BackendStatus, backends
+from sdexport.engines.tensorrt import compat
 from sdexport.errors import SdexportError
 
-PACKAGES = ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "cuda-python",
-            "polygraphy", "onnx")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
@@ -46,6 +45,7 @@ class DoctorReport:
     ort_providers: list[str]
     ort_error: str | None
     folder: FolderCheck | None = None
+    backends: dict[str, BackendStatus] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -60,12 +60,19 @@ class DoctorReport:
                       "engines": self.folder.engines, "warnings": self.folder.warnings, "ok": self.folder.ok}
         return {"python": self.python, "platform": self.platform, "packages": self.packages,
                 "environment": self.environment.to_dict(), "onnxruntime_providers": self.ort_providers,
-                "onnxruntime_error": self.ort_error, "folder": folder, "ok": self.ok}
+                "onnxruntime_error": self.ort_error, "folder": folder, "ok": self.ok,
+                "backends": {name: asdict(status) for name, status in self.backends.items()}}
+
+
+def packages() -> tuple[str, ...]:
+    """The distributions doctor reports: numpy, every registered backend's packages, onnx."""
+    names = ["numpy", *(p for b in backends().values() for p in b.packages), "onnx"]
+    return tuple(dict.fromkeys(names))
 
 
 def _packages() -> dict[str, str]:
     out = {}
-    for name in PACKAGES:
+    for name in packages():
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -103,7 +110,8 @@ def diagnose(folder: Path | None = None, device: int = 0,
     """Probe this machine (every GPU / TensorRT probe runs in a child process) and check ``folder`` if given."""
     env = env or compat.probe_environment()
     providers, ort_error = _ort_providers()
-    report = DoctorReport(sys.version.split()[0], platform.platform(), _packages(), env, providers, ort_error)
+    report = DoctorReport(sys.version.split()[0], platform.platform(), _packages(), env, providers, ort_error,
+                          backends={name: b.status(device) for name, b in backends().items()})
     if folder is not None:
         report.folder = check_folder(Path(folder), env, device)
     return report
@@ -129,9 +137,21 @@ def format_report(report: DoctorReport) -> str:
     if "onnxruntime" in report.packages and "onnxruntime-gpu" in report.packages:
         lines.append("warning:      onnxruntime and onnxruntime-gpu are both installed and overwrite each other's "
                      "files; uninstall both, then install only onnxruntime-gpu")
+    lines += _backend_lines(report.backends)
     if report.folder is not None:
         lines += _folder_lines(report.folder)
     return "\n".join(lines)
+
+
+def _backend_lines(statuses: dict[str, BackendStatus]) -> list[str]:
+    """One line per registered backend: can it run here, and how to install what it lacks."""
+    lines = ["backends:" if statuses else "backends:     none registered"]
+    registered = backends()
+    for name, status in statuses.items():
+        hint = registered[name].install_hint if name in registered and not status.available else ""
+        verdict = "runs here" if status.available else "not available"
+        lines.append(f"  {name:16s}{verdict}: {status.detail}" + (f" ({hint})" if hint else ""))
+    return lines
 
 
 def _folder_lines(check: FolderCheck) -> list[str]:

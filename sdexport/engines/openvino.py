@@ -1,4 +1,8 @@
-"""OpenVINO engine over the folder's ONNX graphs (CPU): f32 by default, thread-safe, LoRA weights by constant swap."""
+"""OpenVINO engine over the folder's ONNX graphs (CPU): f32 by default, thread-safe, LoRA weights by constant swap.
+
+Declares the "openvino" backend; ``openvino`` itself is imported when an engine opens (``pip install
+'sdexport[openvino]'``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from sdexport.engines.registry import Backend, BackendStatus, Option, register_backend
 from sdexport.specs import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -103,3 +108,39 @@ class OpenVinoEngine:
         request.infer({t.name: np.ascontiguousarray(feeds[t.name]) for t in self.inputs})
         return {t.name: np.array(request.get_tensor(port).data, copy=True)
                 for t, port in zip(self.outputs, self._ports, strict=True)}
+
+
+def open_component(component: Any, options: Mapping[str, Any]) -> OpenVinoEngine:
+    """The openvino backend's engine for one component (``ComponentFiles``) of a compiled folder."""
+    config = compile_config(options.get("precision", "f32"), options.get("threads"), options.get("streams"),
+                            options.get("hint", "latency"), options.get("cache_dir"))
+    return OpenVinoEngine(component.name, component.graph, component.spec.inputs, component.spec.outputs, config,
+                          options.get("initializer_overrides"))
+
+
+def probe(device: int = 0) -> BackendStatus:
+    """Whether ``openvino`` imports here, its version and devices (``device`` is unused: it runs on the CPU)."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        return BackendStatus(False, f"openvino is not importable ({exc})")
+    return BackendStatus(True, "devices " + ", ".join(ov.Core().available_devices), ov.__version__)
+
+
+BACKEND = register_backend(Backend(
+    name="openvino",
+    title="OpenVINO",
+    help="runs the exported graphs with OpenVINO on the CPU (f32 unless told otherwise)",
+    open=open_component,
+    load_options=(
+        Option("precision", "OpenVINO's inference precision hint", default="f32", choices=PRECISIONS),
+        Option("threads", "inference threads (default: OpenVINO's)", type=int),
+        Option("streams", "parallel inference streams (default: OpenVINO's)", type=int),
+        Option("hint", "performance hint", default="latency", choices=HINTS),
+        Option("cache_dir", "where OpenVINO caches compiled models", type=Path),
+        Option("initializer_overrides", "initializer name -> array swapped into the model (LoRA swaps)", cli=False),
+    ),
+    probe=probe,
+    extra="openvino",
+    packages=("openvino",),
+))

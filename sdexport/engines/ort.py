@@ -1,4 +1,7 @@
-"""ONNX Runtime engine: one InferenceSession per component, CPU by default, GPU providers on request."""
+"""ONNX Runtime engine: one InferenceSession per component, CPU by default, GPU providers on request.
+
+Declares the "onnxruntime" backend (the default: it needs nothing beyond sdexport's own dependencies).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from sdexport.engines.registry import Backend, BackendStatus, Option, register_backend
 from sdexport.specs import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -83,3 +87,30 @@ class OrtEngine:
         """Run the session; returns numpy arrays keyed by output name."""
         values = self.session.run(self._output_names, {t.name: feeds[t.name] for t in self.inputs})
         return dict(zip(self._output_names, values, strict=True))
+
+
+def open_component(component: Any, options: Mapping[str, Any]) -> OrtEngine:
+    """The onnxruntime backend's engine for one component (``ComponentFiles``) of a compiled folder."""
+    return OrtEngine(component.name, component.graph, component.spec.inputs, component.spec.outputs,
+                     providers=options.get("providers"), options=session_options(options.get("threads")),
+                     initializer_overrides=options.get("initializer_overrides"))
+
+
+def probe(device: int = 0) -> BackendStatus:
+    """ONNX Runtime's version and execution providers (``device`` is unused: providers choose their device)."""
+    return BackendStatus(True, "providers " + ", ".join(ort.get_available_providers()), ort.__version__)
+
+
+BACKEND = register_backend(Backend(
+    name="onnxruntime",
+    title="ONNX Runtime",
+    help="runs the exported graphs with ONNX Runtime (CPU; its CUDA / TensorRT providers with onnxruntime-gpu)",
+    open=open_component,
+    load_options=(
+        Option("threads", "ONNX Runtime intra-op threads (default: one per core)", type=int),
+        Option("providers", "execution providers, names or (name, options) pairs (default: CPU)", cli=False),
+        Option("initializer_overrides", "initializer name -> array written into the graph (LoRA swaps)", cli=False),
+    ),
+    probe=probe,
+    packages=("onnxruntime", "onnxruntime-gpu"),
+))

@@ -1,13 +1,12 @@
-"""`sdexport build`: source -> LoRA fusion -> per component export, optimise, validate -> manifest written last.
+"""`sdexport build`, in phases: plan -> load/fuse -> trace -> convert/validate -> backend compile -> manifest.
 
-Each component is keyed by everything its graph depends on; a finished component leaves a record in
-``.build/<component>.json`` so an interrupted build resumes there, and an unchanged one is reused.
+The plan phase (``build_plan``) keys every component; finished components are reused, an interrupted build resumes,
+and ``manifest.json`` is written last, under the folder's build lock.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,33 +23,17 @@ from typing import Any
 from sdexport import __version__
 from sdexport.engines import artifacts
 from sdexport.errors import ArtifactError
-from sdexport.export.load import SourceInfo, inspect_source, load_source
-from sdexport.export.lora import LORA_TARGETS, LoraSpec, fuse_loras
-from sdexport.specs import ShapeRanges
-from sdexport.specs.presets import default_ranges_for
+from sdexport.export.build_plan import PRECISIONS, BuildConfig, BuildPlan, plan_build, schedule, up_to_date_manifest
+from sdexport.export.load import load_source
+from sdexport.export.lora import LORA_TARGETS, fuse_loras
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
-BACKENDS = ("onnxruntime", "tensorrt")
+__all__ = ["PRECISIONS", "BuildConfig", "BuildResult", "build"]
 TOOLS = ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
-
-
-@dataclass
-class BuildConfig:
-    """Everything `sdexport build` takes."""
-
-    model: str
-    out: Path
-    loras: list[LoraSpec] = field(default_factory=list)
-    precision: str = "fp32"
-    component_precision: dict[str, str] = field(default_factory=dict)
-    ranges: ShapeRanges | None = None
-    random_weights: bool = False
-    allow_pickle: bool = False
-    backend: str = "onnxruntime"
-    trt: Any = None  # sdexport.engines.trt_build.TrtOptions when backend == "tensorrt"
+Progress = Callable[[str], None]
+LORAS_RECORD = Path(artifacts.BUILD_DIR) / "loras.json"  # the fused LoRAs, for builds that reuse every graph
 
 
 @dataclass
@@ -77,58 +60,6 @@ def _tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def _precision_of(config: BuildConfig, info: SourceInfo, name: str) -> str:
-    if name in config.component_precision:
-        return config.component_precision[name]
-    component = info.spec.components[name]
-    if config.precision == "fp16" and not component.fp16_by_default:
-        return "fp32"
-    return config.precision
-
-
-def _check_config(config: BuildConfig, info: SourceInfo) -> None:
-    if config.backend not in BACKENDS:
-        raise ValueError(f"backend {config.backend!r} is not one of {BACKENDS}")
-    if config.precision not in PRECISIONS:
-        raise ValueError(f"precision {config.precision!r} is not one of {PRECISIONS}")
-    for name, precision in config.component_precision.items():
-        if name not in info.spec.components:
-            raise ValueError(f"--component-precision names {name!r}; this model has {list(info.spec.components)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"--component-precision {name}={precision!r}: choose one of {PRECISIONS}")
-
-
-def _component_key(info: SourceInfo, name: str, precision: str, ranges: ShapeRanges, loras: list[dict]) -> str:
-    data = {
-        "sdexport": __version__,
-        "source": info.fingerprint,
-        "component": info.spec.components[name].to_dict(),
-        "precision": precision,
-        "ranges": ranges.to_dict(),
-        "loras": [(r["sha256"], r["weight"]) for r in loras] if name in LORA_TARGETS else [],
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _reusable(folder: Path, record: dict[str, Any] | None, key: str) -> bool:
-    if not record or record.get("key") != key:
-        return False
-    try:
-        artifacts.verify_files(folder, record["files"], hashes=True)
-    except ArtifactError as exc:
-        log.info("rebuilding: %s", exc)
-        return False
-    return True
-
-
-def _read_record(folder: Path, name: str) -> dict[str, Any] | None:
-    path = folder / artifacts.BUILD_DIR / f"{name}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _copy_support_files(source: Any, folder: Path) -> dict[str, dict[str, Any]]:
@@ -171,122 +102,6 @@ def _free_after(pipe: Any, name: str, remaining: list[str]) -> None:
         log.debug("released %s", attr)
 
 
-def build(config: BuildConfig, progress: Callable[[str], None] | None = None) -> BuildResult:
-    """Build (or bring up to date) the compiled folder ``config.out``."""
-    from sdexport.export.component import export_raw, finish
-
-    say = progress or (lambda msg: log.info("%s", msg))
-    folder = Path(config.out)
-    info = inspect_source(config.model, config.random_weights)
-    _check_config(config, info)
-    ranges = config.ranges or (info.preset.default_ranges if info.preset else default_ranges_for(
-        info.spec.family, tiny=False))
-    ranges.validate(info.spec.vae_scale_factor)
-    lora_records = []
-    for lora in config.loras:
-        lora.check(config.allow_pickle)
-        lora_records.append(lora.record())
-
-    trt_options = None
-    if config.backend == "tensorrt":
-        from sdexport.engines.trt_build import TrtOptions, preflight
-
-        trt_options = config.trt or TrtOptions()
-        preflight(trt_options)  # no GPU or TensorRT here: say so now, not after the export
-
-    with artifacts.build_lock(folder):
-        plan = {name: _precision_of(config, info, name) for name in info.spec.components}
-        keys = {name: _component_key(info, name, p, ranges, lora_records) for name, p in plan.items()}
-        records = {name: _read_record(folder, name) for name in plan}
-        todo = [n for n in plan if not _reusable(folder, records[n], keys[n])]
-        if not todo and (folder / artifacts.MANIFEST).is_file():
-            try:
-                manifest = artifacts.load_manifest(folder)
-                if manifest.get("build_key") == _build_key(keys, lora_records) and config.backend == "onnxruntime":
-                    say(f"{folder}: up to date")
-                    return BuildResult(folder, manifest, [], list(plan), {})
-            except ArtifactError as exc:
-                log.info("rewriting the manifest: %s", exc)
-        seconds: dict[str, float] = {}
-        source = None
-        fused: list[dict[str, Any]] = lora_records
-        loras_path = folder / artifacts.BUILD_DIR / "loras.json"
-        if todo:
-            t0 = time.perf_counter()
-            modules = {"vae" if n.startswith("vae") else n for n in todo}
-            if config.loras:
-                modules |= {c for c in LORA_TARGETS if c in info.spec.components}
-            source = load_source(info, config.allow_pickle, frozenset(modules))
-            fused = fuse_loras(source.pipe, config.loras, config.allow_pickle) if config.loras else []
-            seconds["load"] = time.perf_counter() - t0
-        elif loras_path.is_file():
-            fused = json.loads(loras_path.read_text())
-        # Everything that can be refused has been checked; from here on the folder is an unfinished build until
-        # the new manifest lands.
-        (folder / artifacts.MANIFEST).unlink(missing_ok=True)
-        if source is not None:
-            artifacts.atomic_write_json(loras_path, fused)
-        support = _copy_support_files(source, folder) if source is not None else _support_records(folder)
-        # Phase 1 traces every component while torch holds the weights, freeing each module once traced; phase 2
-        # converts and validates with no torch model in memory (the largest graphs need that room).
-        raws = []
-        for index, name in enumerate(todo):
-            say(f"{name}: exporting ({plan[name]})")
-            t0 = time.perf_counter()
-            raws.append(export_raw(source, name, plan[name], ranges, folder))
-            _free_after(source.pipe, name, todo[index + 1:])
-            seconds[name] = time.perf_counter() - t0
-        source = None
-        gc.collect()
-        while raws:
-            raw = raws.pop(0)
-            name = raw.name
-            t0 = time.perf_counter()
-            records[name] = finish(raw, info.spec, ranges, folder)
-            del raw
-            seconds[name] += time.perf_counter() - t0
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            records[name].update(key=keys[name], build_seconds=round(seconds[name], 2), peak_rss_mib=round(peak))
-            artifacts.atomic_write_json(folder / artifacts.BUILD_DIR / f"{name}.json", records[name])
-            say(f"{name}: {plan[name]} graph validated, {seconds[name]:.1f} s (peak RSS so far {peak:.0f} MiB)")
-        files: dict[str, dict[str, Any]] = {}
-        for name in plan:
-            files.update(records[name]["files"])
-        files.update(support)
-        manifest = {
-            "sdexport_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "build_key": _build_key(keys, lora_records),
-            "source": info.description(),
-            "model": info.spec.to_dict(),
-            "shape_ranges": ranges.to_dict(),
-            "loras": fused,
-            "tools": _tool_versions(),
-            "backend": "onnxruntime",
-            "components": {n: {k: v for k, v in records[n].items() if k != "files"} for n in plan},
-            "tokenizers": sorted({p.split("/")[0] for p in files if p.startswith("tokenizer")}),
-            "scheduler_config": "scheduler/scheduler_config.json",
-            "files": dict(sorted(files.items())),
-        }
-        if trt_options is not None:
-            from sdexport.engines.trt_build import build_engines
-
-            engines = build_engines(folder, manifest, trt_options, progress=say)
-            manifest["engines"] = engines["engines"]
-            manifest["files"] = dict(sorted({**manifest["files"], **engines["files"]}.items()))
-            manifest["backend"] = "tensorrt"
-        artifacts.verify_files(folder, manifest["files"], hashes=False)
-        artifacts.write_manifest(folder, manifest)
-        _remove_strays(folder, manifest)
-        say(f"{folder}: built {', '.join(todo) or 'manifest'}; reused {', '.join(n for n in plan if n not in todo)}")
-        return BuildResult(folder, manifest, todo, [n for n in plan if n not in todo], seconds)
-
-
-def _build_key(keys: dict[str, str], loras: list[dict[str, Any]]) -> str:
-    data = {"keys": keys, "loras": [(r["sha256"], r["weight"]) for r in loras]}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
 def _support_records(folder: Path) -> dict[str, dict[str, Any]]:
     """Records of the tokenizer / scheduler files already in the folder (when no component needed the source)."""
     files = {}
@@ -306,3 +121,118 @@ def _remove_strays(folder: Path, manifest: dict[str, Any]) -> None:
     for stale in (folder / artifacts.BUILD_DIR).glob("*.json"):
         if stale.stem not in manifest["components"]:
             os.unlink(stale)
+
+
+def _load(plan: BuildPlan) -> tuple[Any, list[dict[str, Any]]]:
+    """Load/fuse: the source modules the rebuilt components need, LoRAs fused; (source or None, LoRA records)."""
+    loras_path = plan.folder / LORAS_RECORD
+    if not plan.todo:
+        return None, json.loads(loras_path.read_text()) if loras_path.is_file() else plan.loras
+    t0 = time.perf_counter()
+    modules = {"vae" if n.startswith("vae") else n for n in plan.todo}
+    if plan.config.loras:
+        modules |= {c for c in LORA_TARGETS if c in plan.info.spec.components}
+    source = load_source(plan.info, plan.config.allow_pickle, frozenset(modules))
+    fused = fuse_loras(source.pipe, plan.config.loras, plan.config.allow_pickle) if plan.config.loras else []
+    plan.seconds["load"] = time.perf_counter() - t0
+    return source, fused
+
+
+def _trace(plan: BuildPlan, source: Any, say: Progress) -> list[Any]:
+    """Trace every component to rebuild while torch holds the weights, freeing each module once traced."""
+    from sdexport.export.component import export_raw
+
+    raws = []
+    for index, name in enumerate(plan.todo):
+        say(f"{name}: exporting ({plan.precisions[name]})")
+        t0 = time.perf_counter()
+        raws.append(export_raw(source, name, plan.precisions[name], plan.ranges, plan.folder))
+        _free_after(source.pipe, name, plan.todo[index + 1:])
+        plan.seconds[name] = time.perf_counter() - t0
+    return raws
+
+
+def _convert(plan: BuildPlan, raws: list[Any], say: Progress) -> None:
+    """Convert and validate each traced graph with no torch model in memory (the largest graphs need that room)."""
+    from sdexport.export.component import finish
+
+    while raws:
+        raw = raws.pop(0)
+        name = raw.name
+        t0 = time.perf_counter()
+        record = finish(raw, plan.info.spec, plan.ranges, plan.folder)
+        del raw
+        plan.seconds[name] += time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        record.update(key=plan.keys[name], build_seconds=round(plan.seconds[name], 2), peak_rss_mib=round(peak))
+        plan.records[name] = record
+        artifacts.atomic_write_json(plan.folder / artifacts.BUILD_DIR / f"{name}.json", record)
+        say(f"{name}: {plan.precisions[name]} graph validated, {plan.seconds[name]:.1f} s (peak RSS so far "
+            f"{peak:.0f} MiB)")
+
+
+def _manifest(plan: BuildPlan, fused: list[dict[str, Any]], support: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of the graphs and support files (the backend's compile hook may add to it)."""
+    records = {n: plan.records[n] or {} for n in plan.precisions}
+    files: dict[str, dict[str, Any]] = {}
+    for record in records.values():
+        files.update(record["files"])
+    files.update(support)
+    return {
+        "sdexport_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_key": plan.build_key,
+        "source": plan.info.description(),
+        "model": plan.info.spec.to_dict(),
+        "shape_ranges": plan.ranges.to_dict(),
+        "loras": fused,
+        "tools": _tool_versions(),
+        "backend": plan.backend.name,
+        "components": {n: {k: v for k, v in r.items() if k != "files"} for n, r in records.items()},
+        "tokenizers": sorted({p.split("/")[0] for p in files if p.startswith("tokenizer")}),
+        "scheduler_config": "scheduler/scheduler_config.json",
+        "files": dict(sorted(files.items())),
+    }
+
+
+def _compile(plan: BuildPlan, manifest: dict[str, Any], say: Progress) -> None:
+    """The backend's compile hook (TensorRT engines; nothing for ONNX Runtime); its output joins the manifest."""
+    added = plan.backend.compile_folder(plan.folder, manifest, plan.backend_options, say)
+    files = added.pop("files", {})
+    manifest.update(added)
+    manifest["files"] = dict(sorted({**manifest["files"], **files}.items()))
+
+
+def _finish(plan: BuildPlan, manifest: dict[str, Any], say: Progress) -> BuildResult:
+    """Verify every listed file, write the manifest last, drop what the model no longer has."""
+    artifacts.verify_files(plan.folder, manifest["files"], hashes=False)
+    artifacts.write_manifest(plan.folder, manifest)
+    _remove_strays(plan.folder, manifest)
+    say(f"{plan.folder}: built {', '.join(plan.todo) or 'manifest'}; reused {', '.join(plan.reused)}")
+    return BuildResult(plan.folder, manifest, plan.todo, plan.reused, plan.seconds)
+
+
+def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
+    """Build (or bring up to date) the compiled folder ``config.out``."""
+    say = progress or (lambda msg: log.info("%s", msg))
+    plan = plan_build(config)
+    with artifacts.build_lock(plan.folder):
+        schedule(plan)
+        manifest = up_to_date_manifest(plan)
+        if manifest is not None:
+            say(f"{plan.folder}: up to date")
+            return BuildResult(plan.folder, manifest, [], plan.reused, {})
+        source, fused = _load(plan)
+        # Everything that can be refused has been checked; from here on the folder is an unfinished build until
+        # the new manifest lands.
+        (plan.folder / artifacts.MANIFEST).unlink(missing_ok=True)
+        if source is not None:
+            artifacts.atomic_write_json(plan.folder / LORAS_RECORD, fused)
+        support = _copy_support_files(source, plan.folder) if source is not None else _support_records(plan.folder)
+        raws = _trace(plan, source, say) if source is not None else []
+        source = None  # phase 2 converts with no torch model in memory
+        gc.collect()
+        _convert(plan, raws, say)
+        manifest = _manifest(plan, fused, support)
+        _compile(plan, manifest, say)
+        return _finish(plan, manifest, say)

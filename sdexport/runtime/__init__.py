@@ -12,7 +12,8 @@ _PUBLIC = {
     "NonFiniteError": "sdexport.runtime.result",
     "RequestError": "sdexport.runtime.result",
     "Timings": "sdexport.runtime.result",
-    "register_backend": "sdexport.runtime.backends",
+    "Backend": "sdexport.engines.registry",
+    "register_backend": "sdexport.engines.registry",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -1,8 +1,7 @@
-"""Opening a compiled folder's engines by backend name, and running them in slices that fit their batch range."""
+"""Opening a compiled folder's engines with a registered backend; running them in slices that fit their batch range."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdexport.engines import artifacts
+from sdexport.engines import artifacts, get_backend
 from sdexport.engines.arrays import HOST, Arrays
 from sdexport.engines.base import Engine
 from sdexport.errors import ArtifactError
@@ -36,32 +35,8 @@ class ComponentFiles:
         return int(self.profile[self.spec.inputs[0].name]["max"][0])
 
 
-EngineFactory = Callable[[ComponentFiles, Mapping[str, Any]], Engine]
 Runner = Callable[[Mapping[str, Any]], dict[str, Any]]
 """Anything that runs a component on named arrays (an EngineRunner, or a test double)."""
-
-
-def _onnxruntime(component: ComponentFiles, options: Mapping[str, Any]) -> Engine:
-    from sdexport.engines.ort import OrtEngine, session_options
-
-    allowed = {"providers", "threads", "initializer_overrides"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"backend 'onnxruntime' has no option(s) {unknown}; allowed: {sorted(allowed)}")
-    return OrtEngine(component.name, component.graph, component.spec.inputs, component.spec.outputs,
-                     providers=options.get("providers"), options=session_options(options.get("threads")),
-                     initializer_overrides=options.get("initializer_overrides"))
-
-
-BACKENDS: dict[str, EngineFactory] = {"onnxruntime": _onnxruntime}
-"""Backend name -> engine factory (``register_backend`` adds one)."""
-LAZY_BACKENDS: dict[str, tuple[str, str]] = {"tensorrt": ("sdexport.engines.trt_runtime", "tensorrt_backend")}
-"""Backends imported on first use only (module, factory name), so that loading never pulls GPU libraries."""
-
-
-def register_backend(name: str, factory: EngineFactory) -> None:
-    """Make ``Pipeline.load(folder, backend=name)`` open components with ``factory(component, options)``."""
-    BACKENDS[name] = factory
 
 
 def verify_folder(folder: Path, verify: bool = True) -> dict[str, Any]:
@@ -81,15 +56,10 @@ def component_files(folder: Path, manifest: Mapping[str, Any], spec: ComponentSp
 
 
 def open_engine(component: ComponentFiles, backend: str, options: Mapping[str, Any]) -> Engine:
-    """Open one component with the named backend."""
-    if backend not in BACKENDS and backend in LAZY_BACKENDS:
-        module, name = LAZY_BACKENDS[backend]
-        register_backend(backend, getattr(importlib.import_module(module), name))
-    factory = BACKENDS.get(backend)
-    if factory is None:
-        raise ValueError(f"backend {backend!r} is not available; choose one of {sorted({*BACKENDS, *LAZY_BACKENDS})}")
+    """Open one component with the named registered backend (``sdexport.engines.backends()``)."""
+    record = get_backend(backend)
     t0 = time.perf_counter()
-    engine = factory(component, options)
+    engine = record.open_component(component, options)
     log.debug("%s: opened with %s in %.2f s", component.name, backend, time.perf_counter() - t0)
     return engine
 

@@ -75,9 +75,10 @@ class Pipeline:
              engine_options: Mapping[str, Any] | None = None) -> Pipeline:
         """Verify the folder's manifest and file hashes, open one engine per component, read tokenizers and scheduler.
 
-        ``backend``: an engine backend (``sdexport.runtime.backends.BACKENDS``): "onnxruntime" with options
-        ``providers`` / ``threads``, or "tensorrt" with ``device``, ``worker``, ``cuda_graphs`` and ``device_loop``
-        (the denoising loop on CuPy arrays on the GPU; see docs/gpu.md). ``scheduler``: a diffusers class name or
+        ``backend``: a registered backend (``sdexport.engines.backends()``: "onnxruntime", "tensorrt", ...);
+        ``engine_options``: that backend's load options, each declared with its type, default and help in
+        ``Backend.load_options`` (onnxruntime: ``threads``, ``providers``; tensorrt: ``device``, ``worker``,
+        ``cuda_graphs``, ``device_loop``; see docs/gpu.md). ``scheduler``: a diffusers class name or
         alias (default: the folder's);
         ``scheduler_config``: config keys overriding the folder's ``scheduler_config.json``.
         """

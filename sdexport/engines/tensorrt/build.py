@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.engines.artifacts import check_inside, file_record, sha256_file
-from sdexport.engines.compat import Environment, GpuInfo, probe_environment, verified_plan
-from sdexport.engines.trt_profiles import Bucket, ProfileSpec, check_profile, component_profiles
+from sdexport.engines.tensorrt.compat import Environment, GpuInfo, probe_environment, verified_plan
+from sdexport.engines.tensorrt.profiles import Bucket, ProfileSpec, check_profile, component_profiles
 from sdexport.errors import ArtifactError, CompatibilityError, SdexportError
 from sdexport.specs import ModelSpec, ShapeRanges
 
@@ -51,9 +51,17 @@ class TrtOptions:
     timeout_s: float | None = None
 
 
+def options_from(values: Mapping[str, Any]) -> TrtOptions:
+    """TrtOptions from the tensorrt backend's build option values (``--bucket`` WxH strings are parsed here)."""
+    given = dict(values)
+    buckets = tuple(b if isinstance(b, Bucket) else Bucket.parse(b) for b in given.pop("buckets", None) or ())
+    components = tuple(given.pop("components", None) or ())
+    return TrtOptions(**given, buckets=buckets or None, components=components or None)
+
+
 @dataclass(frozen=True)
 class BuildDecisions:
-    """Every builder setting, as TensorRT enum member names: decided here, applied by ``tensorrt.build_plan``."""
+    """Every builder setting, as TensorRT enum member names: decided here, applied by ``layer.build_plan``."""
 
     network_flags: tuple[str, ...]
     builder_flags: tuple[str, ...]
@@ -218,7 +226,7 @@ def _reusable(folder: Path, record: Mapping[str, Any] | None, key: str) -> bool:
 
 
 def _build_target() -> Callable[[Any], dict[str, Any]]:
-    from sdexport.engines.tensorrt import build_plan
+    from sdexport.engines.tensorrt.layer import build_plan
 
     return build_plan
 
@@ -244,7 +252,7 @@ def build_engines(folder: Path, manifest: Mapping[str, Any], options: TrtOptions
     Returns ``{"engines": {component: record}, "files": {relative plan path: {size, sha256}}}``: the manifest's
     ``engines`` section and the file records to add to its ``files``. Each engine is built in its own spawned
     process, so a builder crash or out-of-memory kill raises EngineBuildError here and GPU memory is returned.
-    ``target`` replaces the builder function (``tensorrt.build_plan``; tests pass one that uses a fake TensorRT).
+    ``target`` replaces the builder function (``layer.build_plan``; tests pass one that uses a fake TensorRT).
     """
     say = progress or (lambda msg: log.info("%s", msg))
     folder = Path(folder)

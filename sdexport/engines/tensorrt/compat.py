@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.engines.artifacts import check_inside, sha256_file
+from sdexport.engines.registry import BackendStatus
 from sdexport.errors import ArtifactError, CompatibilityError
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,18 @@ def probe_environment() -> Environment:
         error = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} hides every GPU"
     trt_version, trt_error = probe_tensorrt()
     return Environment(visible, driver, cuda, error, trt_version, trt_error, tuple(notes))
+
+
+def backend_status(device: int = 0) -> BackendStatus:
+    """The tensorrt backend's doctor probe: it runs here when TensorRT imports and a GPU is at ``device``."""
+    env = probe_environment()
+    gpu = env.gpu(device)
+    problems = [] if gpu is not None else [f"no NVIDIA GPU at CUDA device {device}"]
+    if env.tensorrt_version is None:
+        problems.append("tensorrt is not importable")
+    if gpu is None or env.tensorrt_version is None:
+        return BackendStatus(False, "; ".join(problems), env.tensorrt_version)
+    return BackendStatus(True, f"TensorRT {env.tensorrt_version} on {gpu.name} ({gpu.sm})", env.tensorrt_version)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

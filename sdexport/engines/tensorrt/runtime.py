@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from sdexport.engines import compat, tensorrt
 from sdexport.engines.arrays import DeviceArrays, cupy_arrays
 from sdexport.engines.artifacts import check_inside, read_manifest
-from sdexport.engines.trt_cuda import CudaApi, DeviceArray, cuda_api, device_pointer
-from sdexport.engines.trt_profiles import ProfileSpec, select_profile
+from sdexport.engines.tensorrt import compat, layer
+from sdexport.engines.tensorrt.cuda import CudaApi, DeviceArray, cuda_api, device_pointer
+from sdexport.engines.tensorrt.profiles import ProfileSpec, select_profile
 from sdexport.errors import CompatibilityError, SdexportError
 from sdexport.specs import ComponentSpec, ModelSpec
 
@@ -47,7 +47,7 @@ class TrtComponent:
         if not self.record.get("refittable"):
             raise CompatibilityError(f"{self.name}: this engine is not refittable; rebuild with --refittable to "
                                      "swap LoRAs without a rebuild")
-        sent = tensorrt.refit(self.engine, weights, lookup)
+        sent = layer.refit(self.engine, weights, lookup)
         self.weights_version += 1
         return sent
 
@@ -62,7 +62,7 @@ def load_components(folder: Path, manifest: Mapping[str, Any], names: list[str] 
         raise CompatibilityError(f"{folder} has no TensorRT engine for {missing}; build them with "
                                  f"`sdexport build ... --out {folder} --backend tensorrt`")
     compat.check_engines(folder, {n: engines[n] for n in names}, env or compat.probe_environment(), device)
-    trt = tensorrt.import_tensorrt()
+    trt = layer.import_tensorrt()
     cuda_api().set_device(device)
     spec = ModelSpec.from_dict(manifest["model"])
     plans = {name: compat.verified_plan(folder, engines[name]) for name in names}  # all, before TensorRT runs
@@ -70,7 +70,7 @@ def load_components(folder: Path, manifest: Mapping[str, Any], names: list[str] 
     for name, plan in plans.items():
         record = engines[name]
         graph = check_inside(folder, manifest["components"][name]["graph"])
-        engine = tensorrt.deserialize(plan, record, graph)
+        engine = layer.deserialize(plan, record, graph)
         dtypes = {}
         for i in range(engine.num_io_tensors):
             tensor = engine.get_tensor_name(i)
@@ -183,7 +183,7 @@ class TensorRTEngine:
         if binding is not None:
             self._bindings.move_to_end(key)
             return binding
-        trt = tensorrt.import_tensorrt()
+        trt = layer.import_tensorrt()
         profile = select_profile(self.name, self.component.profiles, shapes)
         cuda, stream = self.worker.cuda, self.worker.stream
         context = self.component.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
@@ -323,7 +323,6 @@ class TrtSession:
 
 _SESSIONS: dict[tuple[Path, int], TrtSession] = {}
 _SESSIONS_LOCK = threading.Lock()
-BACKEND_OPTIONS = ("device", "worker", "cuda_graphs", "device_loop")
 
 
 def open_session(folder: Path, device: int = 0) -> TrtSession:
@@ -336,16 +335,11 @@ def open_session(folder: Path, device: int = 0) -> TrtSession:
 
 
 def tensorrt_backend(component: Any, options: Mapping[str, Any]) -> TensorRTEngine:
-    """Engine factory for ``sdexport.runtime.backends.register_backend("tensorrt", tensorrt_backend)``.
+    """The tensorrt backend's ``open`` hook (declared in ``sdexport.engines.tensorrt``, which checks the options).
 
-    ``component`` needs ``name`` and ``graph`` (``<folder>/<component>/model.onnx``). Options: ``device`` (CUDA
-    ordinal), ``worker`` (engines with the same worker index share a stream and scratch memory: give each
-    concurrent request loop its own), ``cuda_graphs`` (default True), ``device_loop`` (default True: the runtime's
-    denoising loop runs on CuPy arrays on the GPU; False keeps it on numpy, copying through the host every step).
+    ``component`` needs ``name`` and ``graph`` (``<folder>/<component>/model.onnx``); the options and their
+    defaults are ``sdexport.engines.tensorrt.LOAD_OPTIONS``.
     """
-    unknown = sorted(set(options) - set(BACKEND_OPTIONS))
-    if unknown:
-        raise ValueError(f"backend 'tensorrt' has no option(s) {unknown}; allowed: {list(BACKEND_OPTIONS)}")
     session = open_session(Path(component.graph).parent.parent, int(options.get("device", 0)))
     if component.name not in session.components:
         raise CompatibilityError(f"the folder has no TensorRT engine for {component.name}; rebuild it with "

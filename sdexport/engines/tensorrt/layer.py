@@ -1,8 +1,8 @@
 """The thin layer that touches ``tensorrt``: build a plan (in a child process), deserialize, refit.
 
-Decisions are made elsewhere (``trt_build.decide``, ``trt_profiles``); this module applies them. ``tensorrt`` is
-imported lazily, so importing sdexport never needs it. Every TensorRT attribute used here and in ``trt_runtime``
-is listed in ``trt_api_names.txt`` and checked against the real bindings by ``tests/test_tensorrt_api.py``.
+Decisions are made elsewhere (``build.decide``, ``profiles``); this module applies them. ``tensorrt`` is
+imported lazily, so importing sdexport never needs it. Every TensorRT attribute used here and in ``runtime``
+is listed in ``api_names.txt`` and checked against the real bindings by ``tests/test_tensorrt_api.py``.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def tensor_io(trt: ModuleType, network: Any) -> list[dict[str, Any]]:
 def build_plan(job: Any) -> dict[str, Any]:
     """Build and write one serialized engine (runs in the builder child process); returns what was built."""
     trt = import_tensorrt()
-    from sdexport.engines.trt_cuda import cuda_api
+    from sdexport.engines.tensorrt.cuda import cuda_api
 
     if job.device:
         cuda_api().set_device(job.device)

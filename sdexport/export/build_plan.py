@@ -1,0 +1,162 @@
+"""The plan phase of `sdexport build`: the config checked, the backend chosen, precisions and keys decided.
+
+Each component is keyed by everything its graph depends on; a finished component leaves a record in
+``.build/<component>.json`` so an interrupted build resumes there, and an unchanged one is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdexport import __version__
+from sdexport.engines import Backend, artifacts, get_backend
+from sdexport.errors import ArtifactError
+from sdexport.export.load import SourceInfo, inspect_source
+from sdexport.export.lora import LORA_TARGETS, LoraSpec
+from sdexport.specs import ShapeRanges
+from sdexport.specs.presets import default_ranges_for
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass
+class BuildConfig:
+    """Everything `sdexport build` takes.
+
+    ``backend_options``: the backend's build options, as its options object (``TrtOptions``) or a mapping of the
+    option names it declares (``Backend.build_options``) to values; None for its defaults.
+    """
+
+    model: str
+    out: Path
+    loras: list[LoraSpec] = field(default_factory=list)
+    precision: str = "fp32"
+    component_precision: dict[str, str] = field(default_factory=dict)
+    ranges: ShapeRanges | None = None
+    random_weights: bool = False
+    allow_pickle: bool = False
+    backend: str = "onnxruntime"
+    backend_options: Any = None
+
+
+@dataclass
+class BuildPlan:
+    """What one build does, decided before any export work; the later phases fill ``records`` and ``seconds``."""
+
+    config: BuildConfig
+    folder: Path
+    info: SourceInfo
+    backend: Backend
+    backend_options: Any
+    ranges: ShapeRanges
+    loras: list[dict[str, Any]]
+    precisions: dict[str, str]
+    keys: dict[str, str]
+    records: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    todo: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reused(self) -> list[str]:
+        """The components whose finished graphs are kept as they are."""
+        return [n for n in self.precisions if n not in self.todo]
+
+    @property
+    def build_key(self) -> str:
+        """The key of the whole folder: every component key and the LoRAs."""
+        data = {"keys": self.keys, "loras": [(r["sha256"], r["weight"]) for r in self.loras]}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _precision_of(config: BuildConfig, info: SourceInfo, name: str) -> str:
+    if name in config.component_precision:
+        return config.component_precision[name]
+    component = info.spec.components[name]
+    if config.precision == "fp16" and not component.fp16_by_default:
+        return "fp32"
+    return config.precision
+
+
+def _check_config(config: BuildConfig, info: SourceInfo) -> None:
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision {config.precision!r} is not one of {PRECISIONS}")
+    for name, precision in config.component_precision.items():
+        if name not in info.spec.components:
+            raise ValueError(f"--component-precision names {name!r}; this model has {list(info.spec.components)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"--component-precision {name}={precision!r}: choose one of {PRECISIONS}")
+
+
+def _component_key(info: SourceInfo, name: str, precision: str, ranges: ShapeRanges, loras: list[dict]) -> str:
+    data = {
+        "sdexport": __version__,
+        "source": info.fingerprint,
+        "component": info.spec.components[name].to_dict(),
+        "precision": precision,
+        "ranges": ranges.to_dict(),
+        "loras": [(r["sha256"], r["weight"]) for r in loras] if name in LORA_TARGETS else [],
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def plan_build(config: BuildConfig) -> BuildPlan:
+    """Resolve the source, check every option and the backend (its preflight too), and key each component."""
+    backend = get_backend(config.backend)
+    info = inspect_source(config.model, config.random_weights)
+    _check_config(config, info)
+    ranges = config.ranges or (info.preset.default_ranges if info.preset else default_ranges_for(
+        info.spec.family, tiny=False))
+    ranges.validate(info.spec.vae_scale_factor)
+    loras = []
+    for lora in config.loras:
+        lora.check(config.allow_pickle)
+        loras.append(lora.record())
+    options = backend.build_config(config.backend_options)
+    backend.check_machine(options)  # e.g. no GPU for TensorRT here: say so now, not after the export
+    precisions = {name: _precision_of(config, info, name) for name in info.spec.components}
+    keys = {name: _component_key(info, name, p, ranges, loras) for name, p in precisions.items()}
+    return BuildPlan(config, Path(config.out), info, backend, options, ranges, loras, precisions, keys)
+
+
+def _read_record(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / artifacts.BUILD_DIR / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _reusable(folder: Path, record: dict[str, Any] | None, key: str) -> bool:
+    if not record or record.get("key") != key:
+        return False
+    try:
+        artifacts.verify_files(folder, record["files"], hashes=True)
+    except ArtifactError as exc:
+        log.info("rebuilding: %s", exc)
+        return False
+    return True
+
+
+def schedule(plan: BuildPlan) -> None:
+    """Read the folder's component records (under the build lock) and list the components to rebuild."""
+    plan.records = {name: _read_record(plan.folder, name) for name in plan.precisions}
+    plan.todo = [n for n in plan.precisions if not _reusable(plan.folder, plan.records[n], plan.keys[n])]
+
+
+def up_to_date_manifest(plan: BuildPlan) -> dict[str, Any] | None:
+    """The folder's manifest when nothing needs doing (no component to rebuild, same key, nothing to compile)."""
+    if plan.todo or not (plan.folder / artifacts.MANIFEST).is_file():
+        return None
+    try:
+        manifest = artifacts.load_manifest(plan.folder)
+    except ArtifactError as exc:
+        log.info("rewriting the manifest: %s", exc)
+        return None
+    return manifest if manifest.get("build_key") == plan.build_key and not plan.backend.compiles else None
