@@ -6,7 +6,6 @@ import json
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -95,7 +94,7 @@ _SIZE = "SDXL micro-conditioning"
 class GenerationArgs:
     """The arguments of ``Pipeline.__call__`` (diffusers' names); ``sdexport run`` flags are generated from it."""
 
-    prompt: str | list[str] = _arg(help="the prompt; several make a batch", repeat=True, metavar="TEXT")
+    prompt: str | list[str] = _arg(help="the prompt; several make a batch", repeat=True)
     negative_prompt: str | list[str] | None = _arg(None, help="what to steer away from (one, or one per prompt)")
     prompt_2: str | list[str] | None = _arg(None, help="SDXL: the second text encoder's prompt (default: prompt)")
     negative_prompt_2: str | list[str] | None = _arg(
@@ -106,7 +105,7 @@ class GenerationArgs:
                            parse=read_picture, metavar="PATH")
     height: int | None = _arg(None, help="pixel height (default: the image's, else the folder's optimum)")
     width: int | None = _arg(None, help="pixel width (default: the image's, else the folder's optimum)")
-    num_inference_steps: int = _arg(50, help="denoising steps (diffusers' default)",
+    num_inference_steps: int = _arg(50, help="denoising steps",
                                     flags=("--steps", "--num-inference-steps"))
     guidance_scale: float | None = _arg(
         None, help="classifier-free guidance scale (default: the pipeline's diffusers default, 7.5 SD / 5.0 SDXL)")
@@ -156,20 +155,40 @@ def arg_info(name: str) -> Arg:
     return _fields()[name].metadata["arg"]
 
 
-@cache
 def _fields() -> dict[str, Any]:
     return {f.name: f for f in fields(GenerationArgs)}
 
 
-@cache
 def arg_types() -> dict[str, Any]:
     """Argument name -> its resolved type annotation."""
     return typing.get_type_hints(GenerationArgs)
 
 
-DEFAULTS: Mapping[str, Any] = MappingProxyType(
-    {f.name: f.default for f in fields(GenerationArgs) if f.default is not MISSING})
-"""Argument name -> default, for every argument that has one (``prompt`` has none): the library's and the CLI's."""
+def defaults() -> dict[str, Any]:
+    """Argument name -> default, for every argument that has one (``prompt`` has none)."""
+    return {name: f.default for name, f in _fields().items() if f.default is not MISSING}
+
+
+DEFAULTS: Mapping[str, Any] = MappingProxyType(defaults())
+"""The defaults of ``Pipeline.__call__``'s signature and of the ``sdexport run`` flags (one place: the dataclass)."""
+
+
+def cli_fields() -> tuple[str, ...]:
+    """The arguments that are ``sdexport run`` flags, in the dataclass's order."""
+    return tuple(name for name, f in _fields().items() if f.metadata["arg"].cli)
+
+
+def cli_parse(name: str) -> Callable[[str], Any]:
+    """Command-line text -> value of argument ``name``: its own parser, else int / float / str from its type."""
+    info = arg_info(name)
+    if info.parse is not None:
+        return info.parse
+    hint = arg_types()[name]
+    members = typing.get_args(hint) or (hint,)
+    for scalar in (int, float, str):
+        if scalar in members:
+            return scalar
+    raise TypeError(f"generation argument {name!r} of type {hint} needs Arg(parse=...) or cli=False")
 
 
 def check_closed_sets(args: GenerationArgs) -> None:
