@@ -214,7 +214,7 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("parity", help="re-run the folder's source model in diffusers and print the differences")
     p.add_argument("folder", type=Path, help="a compiled folder (sdexport build)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps of the end-to-end runs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the end-to-end runs")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
