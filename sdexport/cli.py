@@ -170,6 +170,13 @@ def _add_generation_flags(group: argparse._ArgumentGroup) -> None:
         group.add_argument(*(info.flags or (f"--{name.replace('_', '-')}",)), **options)
 
 
+def _messages(args: argparse.Namespace) -> Callable[[str], None]:
+    """Progress messages to stderr, or nowhere with -q."""
+    if args.quiet:
+        return lambda msg: None
+    return lambda msg: print(msg, file=sys.stderr, flush=True)
+
+
 def _progress_bar(enabled: bool) -> object:
     def show(step: int, total: int, timestep: float, latents: object) -> None:
         done = step + 1
@@ -225,7 +232,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     from sdexport.export.parity import run_parity
 
     report = run_parity(args.folder, steps=args.steps, seed=args.seed,
-                        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                        progress=_messages(args))
     print(json.dumps(asdict(report), indent=1) if args.json else report.table())
     return 0
 
@@ -309,7 +316,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         random_weights=args.random_weights, allow_pickle=args.allow_pickle, backend=args.backend,
         trt=_trt_options(args) if args.backend == "tensorrt" else None,
     )
-    build(config, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    build(config, progress=_messages(args))
     return 0
 
 
