@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,9 @@ def _cmd_parity(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The sdexport argument parser."""
-    epilog = "exit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items())
+    codes = (textwrap.fill(f"{code:<4} {meaning}", 78, initial_indent="  ", subsequent_indent=" " * 7)
+             for code, meaning in EXIT_CODES.items())
+    epilog = "exit codes:\n" + "\n".join(codes)
     ap = argparse.ArgumentParser(prog="sdexport", description="Stable Diffusion deployment compiler",
                                  epilog=epilog, formatter_class=_Formatter, parents=[_logging_flags()])
     ap.add_argument("--version", action="version", version=f"sdexport {__version__}")

@@ -58,8 +58,9 @@ def test_options_with_a_default_show_it_in_help() -> None:
 def test_exit_codes_are_documented_in_top_level_help() -> None:
     text = cli.parser().format_help()
     assert "exit codes:" in text
+    flat = " ".join(text.split())
     for code, meaning in cli.EXIT_CODES.items():
-        assert f"  {code:<4} {meaning}" in text
+        assert f" {code} {meaning}" in flat
     assert set(cli.EXIT_CODES) == {0, 1, 2, 130}
 
 
