@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,41 @@ from sdexport.errors import SdexportError, UsageError
 from sdexport.specs import PRESETS
 
 log = logging.getLogger("sdexport")
+
+EXIT_CODES = {0: "success", 1: "error: an invalid request, an unusable folder or model, a failed build or check "
+              "(doctor: FOLDER cannot run here)", 2: "usage error: an unknown flag or a value that is not allowed",
+              130: "interrupted (Ctrl-C); run the same command again to resume a build"}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default when it has one worth showing; description and epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default is argparse.SUPPRESS or default == [])
+        if shown and action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _logging_flags() -> argparse.ArgumentParser:
+    """-v / -q, accepted before and after the subcommand (``sdexport -v run ...`` or ``sdexport run -v ...``)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="errors only, no progress output")
+    return flags
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser: the shared formatter and the -v / -q flags."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        kwargs["parents"] = [*kwargs.get("parents", ()), _logging_flags()]
+        super().__init__(**kwargs)
 
 
 def _range(text: str) -> tuple[int, int, int]:
@@ -44,7 +80,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: build/<model>)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="a LoRA to fuse into the UNet and text encoders; repeatable")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="precision of every component")
     p.add_argument("--component-precision", action="append", type=_component_precision, default=[],
                    metavar="COMPONENT=PRECISION", help="override one component's precision (e.g. vae_decoder=fp16)")
     p.add_argument("--batch", type=_range, help="images per call MIN:OPT:MAX")
@@ -99,56 +135,71 @@ def _backend_values(args: argparse.Namespace, backend: Backend) -> dict[str, Any
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="verify a compiled folder against its manifest and describe it")
-    p.add_argument("folder", type=Path)
+    p.add_argument("folder", type=Path, help="a compiled folder (sdexport build)")
     p.add_argument("--json", action="store_true", help="print the manifest instead of the summary")
 
 
-def _size_pair(text: str) -> tuple[int, int]:
-    """HEIGHTxWIDTH (or TOP,LEFT) as two integers."""
-    parts = text.replace(",", "x").split("x")
-    try:
-        first, second = (int(p) for p in parts)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected two integers like 1024x1024 or 0,0") from exc
-    return first, second
-
-
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="generate images with a compiled folder (no torch, no diffusers)")
-    p.add_argument("folder", type=Path)
-    p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
-    p.add_argument("--negative-prompt")
-    p.add_argument("--prompt-2", help="SDXL: the second text encoder's prompt (default: --prompt)")
-    p.add_argument("--negative-prompt-2")
-    p.add_argument("--image", type=Path, help="image-to-image / inpainting input (PNG/JPEG), or latents (.npy)")
-    p.add_argument("--mask", type=Path, help="inpainting mask: white is repainted")
+    p = sub.add_parser("run", help="generate images with a compiled folder (no torch, no diffusers)",
+                       description="Generate images with a compiled folder. The generation flags are the arguments "
+                       "of Pipeline.__call__ (diffusers' names), with the library's defaults.")
+    p.add_argument("folder", type=Path, help="a compiled folder (sdexport build)")
+    _add_generation_flags(p.add_argument_group("generation (the arguments of Pipeline.__call__)"))
     p.add_argument("--out", type=Path, default=Path("out.png"),
                    help="PNG (several images: out-0.png, out-1.png, ...) or .npy to save the latents")
-    p.add_argument("--steps", type=int, default=30, help="num_inference_steps")
-    p.add_argument("--guidance-scale", type=float, help="default: the family's diffusers default")
-    p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--strength", type=float)
-    p.add_argument("--denoising-start", type=float)
-    p.add_argument("--denoising-end", type=float)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
-    p.add_argument("--seed", type=int, help="image i gets seed + i (default: random)")
-    p.add_argument("--clip-skip", type=int)
-    p.add_argument("--scheduler", help="a diffusers scheduler class name or alias (default: the folder's)")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--original-size", type=_size_pair, metavar="HxW")
-    p.add_argument("--target-size", type=_size_pair, metavar="HxW")
-    p.add_argument("--crops-coords-top-left", type=_size_pair, default=(0, 0), metavar="TOP,LEFT")
-    p.add_argument("--aesthetic-score", type=float, default=6.0)
-    p.add_argument("--negative-aesthetic-score", type=float, default=2.5)
-    p.add_argument("--long-prompts", default="truncate", help="truncate (diffusers) or chunk (up to the folder's "
-                   "prompt chunks)")
-    p.add_argument("--rng", default="numpy", help="numpy, or torch: the same noise as diffusers' CPU generator")
     _add_backend_choice(p)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster start)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _cli_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A parser whose ValueError message argparse shows as it is (a usage error naming the flag)."""
+    if parse in (int, float, str):
+        return parse
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+_METAVARS: dict[Any, str] = {int: "INT", float: "FLOAT", str: "TEXT"}
+
+
+def _add_generation_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per command-line field of GenerationArgs: type, default, choices and help from its metadata."""
+    from sdexport.runtime.args import arg_info, cli_fields, cli_parse, defaults
+
+    default = defaults()
+
+    for name in cli_fields():
+        info = arg_info(name)
+        parse = cli_parse(name)
+        metavar = info.metavar or (None if info.choices else _METAVARS.get(parse))
+        options: dict[str, Any] = {"dest": name, "help": info.help, "metavar": metavar, "type": _cli_type(parse),
+                                   "choices": info.choices}
+        if info.choices is not None and info.metavar is not None:
+            options["help"] += "; one of: %(choices)s"
+        if info.repeat:
+            options["action"] = "append"
+            options["help"] += " (repeatable)"
+        if name in default:
+            options["default"] = default[name]
+        else:
+            options["required"] = True
+        group.add_argument(*(info.flags or (f"--{name.replace('_', '-')}",)), **options)
+
+
+def _messages(args: argparse.Namespace) -> Callable[[str], None]:
+    """Progress messages to stderr, or nowhere with -q."""
+    if args.quiet:
+        return lambda msg: None
+    return lambda msg: print(msg, file=sys.stderr, flush=True)
 
 
 def _progress_bar(enabled: bool) -> object:
@@ -162,30 +213,18 @@ def _progress_bar(enabled: bool) -> object:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
-    from PIL import Image
 
+    from sdexport.runtime.args import GenerationArgs, cli_fields
     from sdexport.runtime.images import save_png
     from sdexport.runtime.pipeline import Pipeline
 
-    options = {"threads": args.threads} if args.threads else {}
-    pipe = Pipeline.load(args.folder, backend=args.backend, scheduler=args.scheduler, verify=not args.no_verify,
-                         engine_options=options)
-    image = None
-    if args.image is not None:
-        image = np.load(args.image) if args.image.suffix == ".npy" else Image.open(args.image)
     latent_out = args.out.suffix == ".npy"
-    result = pipe(
-        args.prompt if len(args.prompt) > 1 else args.prompt[0],
-        args.negative_prompt, prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2, image=image,
-        mask_image=Image.open(args.mask) if args.mask else None, height=args.height, width=args.width,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
-        strength=args.strength, denoising_start=args.denoising_start, denoising_end=args.denoising_end,
-        num_images_per_prompt=args.num_images, seed=args.seed, eta=args.eta, clip_skip=args.clip_skip,
-        output_type="latent" if latent_out else "pil", original_size=args.original_size,
-        target_size=args.target_size, crops_coords_top_left=args.crops_coords_top_left,
-        aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-        long_prompts=args.long_prompts, rng=args.rng, callback=_progress_bar(not args.no_progress),
-    )
+    request = GenerationArgs(**{name: getattr(args, name) for name in cli_fields()},
+                             output_type="latent" if latent_out else "pil",
+                             callback=_progress_bar(not (args.no_progress or args.quiet)))
+    options = {"threads": args.threads} if args.threads else {}
+    pipe = Pipeline.load(args.folder, backend=args.backend, verify=not args.no_verify, engine_options=options)
+    result = pipe.generate(request)
     if latent_out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         np.save(args.out, result.images)
@@ -197,16 +236,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             save_png(picture, path, {**{k: v for k, v in result.parameters.items() if k != "seeds"}, "seed": seed})
             print(f"{path} (seed {seed})")
     t = result.timings
-    print(f"text {t.text_encoder:.2f} s, {len(t.unet)} UNet steps {sum(t.unet):.2f} s, "
-          f"VAE {t.vae_encoder + t.vae_decoder:.2f} s, total {t.total:.2f} s", file=sys.stderr)
+    if not args.quiet:
+        print(f"text {t.text_encoder:.2f} s, {len(t.unet)} UNet steps {sum(t.unet):.2f} s, "
+              f"VAE {t.vae_encoder + t.vae_decoder:.2f} s, total {t.total:.2f} s", file=sys.stderr)
     return 0
 
 
 def _add_parity(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("parity", help="re-run the folder's source model in diffusers and print the differences")
-    p.add_argument("folder", type=Path)
+    p.add_argument("folder", type=Path, help="a compiled folder (sdexport build)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps of the end-to-end runs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the end-to-end runs")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -217,17 +257,21 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     from sdexport.export.parity import run_parity
 
     report = run_parity(args.folder, steps=args.steps, seed=args.seed,
-                        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                        progress=_messages(args))
     print(json.dumps(asdict(report), indent=1) if args.json else report.table())
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
     """The sdexport argument parser."""
-    ap = argparse.ArgumentParser(prog="sdexport", description="Stable Diffusion deployment compiler")
+    codes = (textwrap.fill(f"{code:<4} {meaning}", 78, initial_indent="  ", subsequent_indent=" " * 7)
+             for code, meaning in EXIT_CODES.items())
+    epilog = "exit codes:\n" + "\n".join(codes)
+    ap = argparse.ArgumentParser(prog="sdexport", description="Stable Diffusion deployment compiler",
+                                 epilog=epilog, formatter_class=_Formatter, parents=[_logging_flags()])
     ap.add_argument("--version", action="version", version=f"sdexport {__version__}")
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                            title="commands (sdexport COMMAND --help for each)")
     _add_build(sub)
     _add_info(sub)
     _add_run(sub)
@@ -239,9 +283,9 @@ def parser() -> argparse.ArgumentParser:
 
 def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="GPU, driver, CUDA, TensorRT / ONNX Runtime, and whether FOLDER can run here")
-    p.add_argument("folder", type=Path, nargs="?")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--device", type=int, default=0)
+    p.add_argument("folder", type=Path, nargs="?", help="a compiled folder to check (default: the machine only)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--device", type=int, default=0, help="CUDA device to probe")
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -285,7 +329,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         random_weights=args.random_weights, allow_pickle=args.allow_pickle, backend=args.backend,
         backend_options=_backend_values(args, get_backend(args.backend)),
     )
-    build(config, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    build(config, progress=_messages(args))
     return 0
 
 
@@ -307,9 +351,13 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sdexport` console script; returns the exit code."""
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    ap = parser()
+    args = ap.parse_args(argv)
+    args.verbose, args.quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    if args.verbose and args.quiet:
+        ap.error("-v/--verbose and -q/--quiet exclude each other")
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:

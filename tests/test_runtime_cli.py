@@ -72,3 +72,13 @@ def test_parity_command_prints_component_and_end_to_end_differences(tiny_folder:
     assert all(d < 1e-3 for outputs in report["components"].values() for d in outputs.values())
     assert list(report["end_to_end"]) == ["inpaint"]
     assert report["end_to_end"]["inpaint"]["latents"] < 1e-4 and report["end_to_end"]["inpaint"]["image"] < 1 / 255
+
+
+def test_run_quiet_after_the_subcommand_prints_no_progress(tiny_folder: Callable[[str], Path], tmp_path: Path,
+                                                           capsys: Any) -> None:
+    out = tmp_path / "quiet.png"
+    assert main(["run", str(tiny_folder("tiny-sd15")), "--prompt", "x", "--steps", "2", "--seed", "3", "--out",
+                 str(out), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and out.exists()
+    assert _parameters(out)["num_inference_steps"] == 2

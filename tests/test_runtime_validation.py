@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from sdexport.runtime.pipeline import Pipeline
+from sdexport.runtime.result import RequestError
 
 
 class CountingEngine:
@@ -82,6 +83,30 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
      r"needs 6 chunks of 75 tokens; .*at most 3"),
     ("latents-as-image-size", "tiny-sdxl-refiner", dict(image=np.zeros((1, 4, 8, 8), np.float32), height=72),
      r"differ from the latents' 64x64"),
+    # Pictures are converted while the request is checked, so their faults surface before the text encoders run.
+    ("image-nan", "tiny-sd15", dict(image=np.full((64, 64, 3), np.nan, np.float32)), r"image float array has NaN"),
+    ("image-float-range", "tiny-sd15", dict(image=np.full((64, 64, 3), 2.0, np.float32)),
+     r"image float array has values in \[2, 2\]; expected \[0, 1\]"),
+    ("image-float-size", "tiny-sd15", dict(image=np.zeros((40, 40, 3), np.float32), height=64, width=64),
+     r"image float array is 40x40, the generation is 64x64"),
+    ("image-not-a-picture", "tiny-sd15", dict(image="cat.png"), r"image: an image array must be \[H, W\]"),
+    ("mask-nan", "tiny-sd15", dict(image=PICTURE, mask_image=np.full((64, 64), np.nan, np.float32)),
+     r"mask_image float array has NaN or Inf"),
+    ("mask-range", "tiny-sd15", dict(image=PICTURE, mask_image=np.full((64, 64), -1.0, np.float32)),
+     r"mask_image float array has values in \[-1, -1\]"),
+    ("mask-dtype", "tiny-sdxl", dict(image=PICTURE, mask_image=np.ones((64, 64), np.int64)),
+     r"mask_image array has dtype int64; pass uint8"),
+    ("image-latents-nan", "tiny-sdxl-refiner", dict(image=np.full((1, 4, 8, 8), np.inf, np.float32)),
+     r"image \(latents\) has NaN or Inf"),
+    ("latents-nan", "tiny-sd15", dict(latents=np.full((1, 4, 8, 8), np.nan, np.float32)), r"latents has NaN"),
+    ("callback-not-callable", "tiny-sd15", dict(callback=3), r"callback=3 is not callable"),
+    ("eta-type", "tiny-sd15", dict(eta="0.5", scheduler="ddim"), r"eta='0\.5' is out of range"),
+    ("eta-range", "tiny-sd15", dict(eta=1.5, scheduler="ddim"), r"eta=1\.5 .*0\.0 <= eta <= 1\.0"),
+    ("strength-type", "tiny-sd15", dict(image=PICTURE, strength="high"), r"strength='high' is out of range"),
+    ("scheduler-config-key", "tiny-sd15", dict(scheduler_config={"warp": 1}),
+     r"scheduler_config=\{'warp': 1\}: .*no config key\(s\) \['warp'\]"),
+    ("per-prompt-type", "tiny-sd15", dict(num_images_per_prompt=1.5),
+     r"num_images_per_prompt=1\.5"),
 ]
 
 
@@ -90,7 +115,7 @@ def test_invalid_request_fails_before_any_work(counted: Any, preset: str, kwargs
                                                message: str) -> None:
     pipe, engines = counted(preset)
     args = {"prompt": "a cat", "num_inference_steps": 2, **kwargs}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RequestError, match=message):
         pipe(**args)
     assert {name: e.runs for name, e in engines.items()} == dict.fromkeys(engines, 0)
 

@@ -30,8 +30,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", type=_systems, default=list(SYSTEM_NAMES),
                         help=f"comma-separated, from {','.join(SYSTEM_NAMES)} (peers that cannot run here are "
                              "reported as skipped with the reason)")
-    parser.add_argument("--warmups", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmups", type=int, default=1, help="untimed runs before the measured ones")
+    parser.add_argument("--repeats", type=int, default=5, help="measured runs per case")
     parser.add_argument("--out", type=Path, default=Path("sdexport-bench.jsonl"), help="JSON lines to append to")
     parser.add_argument("--markdown", type=Path, help="also write the markdown report here")
     parser.add_argument("--chart", type=Path, help="also draw the PNG chart here")

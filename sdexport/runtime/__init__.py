@@ -7,6 +7,7 @@ from typing import Any
 
 _PUBLIC = {
     "Pipeline": "sdexport.runtime.pipeline",
+    "GenerationArgs": "sdexport.runtime.args",
     "GenerationResult": "sdexport.runtime.result",
     "GenerationCancelled": "sdexport.runtime.result",
     "NonFiniteError": "sdexport.runtime.result",

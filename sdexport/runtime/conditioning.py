@@ -25,7 +25,8 @@ class Prompts:
     negatives: tuple[tuple[str, ...], ...] | None
     clip_skip: int = 0
     chunks: int | None = None
-    """None: truncate to 77 tokens (diffusers); an int: chunked mode with at most this many chunks."""
+    """None: truncate to 77 tokens (diffusers); an int: chunked mode, every prompt encoded in this many chunks (what
+    the longest needs, checked against the folder's prompt_chunks when the request is validated)."""
 
     @property
     def count(self) -> int:
@@ -112,7 +113,7 @@ class SdConditioner:
         """Text conditioning per prompt (not yet repeated per image); one call per text encoder."""
         zeros = cfg and prompts.negatives is None and self.force_zeros
         with_negatives = cfg and not zeros
-        chunks = None if prompts.chunks is None else min(self.chunks_needed(prompts), prompts.chunks)
+        chunks = prompts.chunks
         hidden_parts, pooled = [], None
         dropped: list[str] = []
         for index, encoder in enumerate(self.encoders):

@@ -45,6 +45,8 @@ def _to_pil(image: ImageInput, what: str) -> Image.Image | np.ndarray:
         return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{what} array has dtype {array.dtype}; pass uint8 (0..255) or float (0..1)")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} float array has NaN or Inf values; expected finite values in [0, 1]")
     if array.size and (array.min() < 0 or array.max() > 1):
         raise ValueError(f"{what} float array has values in [{array.min():.3g}, {array.max():.3g}]; expected [0, 1]")
     return array.astype(np.float32)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from sdexport.runtime.backends import Runner
-from sdexport.runtime.images import latent_mask, preprocess_image, preprocess_mask
+from sdexport.runtime.images import latent_mask
 from sdexport.runtime.noise import NoiseStreams
 from sdexport.runtime.request import Request
 from sdexport.runtime.result import NonFiniteError
@@ -50,13 +48,6 @@ class LatentSource:
             return np.repeat(per_prompt_rows, n, axis=0)
         return np.repeat(per_prompt_rows, n // count, axis=0)
 
-    def pixels(self, pictures: Sequence[Any]) -> np.ndarray:
-        """Pictures (one per prompt, often the same object) -> float32 [prompts, 3, H, W] in [-1, 1]."""
-        cache: dict[int, np.ndarray] = {}
-        rows = [cache.setdefault(id(p), preprocess_image(p, self.request.height, self.request.width))
-                for p in pictures]
-        return np.concatenate(rows)
-
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """VAE-encode distinct rows once, sample one latent per image from its own stream, times scaling_factor."""
         unique, inverse = np.unique(pixels.reshape(pixels.shape[0], -1), axis=0, return_inverse=True)
@@ -83,7 +74,7 @@ def _base_latents(source: LatentSource) -> np.ndarray:
     req = source.request
     if req.image_latents is not None:
         return source.per_image(req.image_latents)
-    return source.encode(source.pixels(req.images))
+    return source.encode(req.images)
 
 
 def start_img2img(source: LatentSource, plan: Plan) -> Start:
@@ -99,7 +90,7 @@ def start_inpaint(source: LatentSource, plan: Plan) -> Start:
     req = source.request
     strength_max = req.strength == 1.0
     blend = not source.spec.inpaint  # a text-to-image UNet blends; an inpainting UNet takes mask + masked latents
-    pixels = source.pixels(req.images) if req.images is not None else None
+    pixels = req.images
     base = None
     if req.image_latents is not None or blend or (req.latents is None and not strength_max):
         base = _base_latents(source)
@@ -111,7 +102,7 @@ def start_inpaint(source: LatentSource, plan: Plan) -> Start:
     else:
         noise = source.streams.draw(source.shape)
         latents = noise * np.float32(plan.init_noise_sigma) if strength_max else plan.add_noise(base, noise, 0)
-    masks = np.concatenate([preprocess_mask(m, req.height, req.width) for m in req.masks])
+    masks = req.masks
     mask = source.per_image(latent_mask(masks, source.spec.vae_scale_factor))
     masked = None
     if pixels is not None:

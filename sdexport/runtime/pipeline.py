@@ -15,6 +15,7 @@ import numpy as np
 
 from sdexport.engines.arrays import HOST, Arrays
 from sdexport.engines.base import Engine
+from sdexport.runtime.args import DEFAULTS, GenerationArgs
 from sdexport.runtime.backends import ComponentFiles, EngineRunner, component_files, open_engine, verify_folder
 from sdexport.runtime.conditioning import conditioner_for
 from sdexport.runtime.denoise import Cancelled, Guidance, denoise
@@ -30,7 +31,7 @@ from sdexport.runtime.result import (
     StepCallback,
     Timings,
 )
-from sdexport.runtime.schedulers import Plan, Scheduler, load_scheduler
+from sdexport.runtime.schedulers import Plan, Scheduler, SchedulerConfigError, load_scheduler
 from sdexport.runtime.tokenizer import ClipTokenizer
 from sdexport.specs import ModelSpec, ShapeRanges
 
@@ -165,63 +166,71 @@ class Pipeline:
         return EngineRunner(self.engines[name], self.components[name].max_batch, arrays)
 
     def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        *,
-        prompt_2: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        image: Any = None,
-        mask_image: Any = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float | None = None,
-        guidance_rescale: float = 0.0,
-        strength: float | None = None,
-        denoising_start: float | None = None,
-        denoising_end: float | None = None,
-        num_images_per_prompt: int = 1,
-        seed: int | list[int] | None = None,
-        latents: np.ndarray | None = None,
-        eta: float = 0.0,
-        clip_skip: int | None = None,
-        output_type: str = "pil",
-        scheduler: str | None = None,
-        scheduler_config: Mapping[str, Any] | None = None,
+        self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+        prompt_2: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
+        image: Any = None, mask_image: Any = None, height: int | None = None, width: int | None = None,
+        num_inference_steps: int = DEFAULTS["num_inference_steps"], guidance_scale: float | None = None,
+        guidance_rescale: float = DEFAULTS["guidance_rescale"], strength: float | None = None,
+        denoising_start: float | None = None, denoising_end: float | None = None,
+        num_images_per_prompt: int = DEFAULTS["num_images_per_prompt"], seed: int | list[int] | None = None,
+        latents: np.ndarray | None = None, eta: float = DEFAULTS["eta"], clip_skip: int | None = None,
+        output_type: str = DEFAULTS["output_type"],
+        scheduler: str | None = None, scheduler_config: Mapping[str, Any] | None = None,
         original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None,
-        negative_original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = DEFAULTS["crops_coords_top_left"],
+        target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
         negative_crops_coords_top_left: tuple[int, int] | None = None,
         negative_target_size: tuple[int, int] | None = None,
-        aesthetic_score: float = 6.0,
-        negative_aesthetic_score: float = 2.5,
-        long_prompts: str = "truncate",
-        rng: str = "numpy",
+        aesthetic_score: float = DEFAULTS["aesthetic_score"],
+        negative_aesthetic_score: float = DEFAULTS["negative_aesthetic_score"],
+        long_prompts: str = DEFAULTS["long_prompts"], rng: str = DEFAULTS["rng"],
         callback: StepCallback | None = None,
     ) -> GenerationResult:
-        """Generate images; arguments keep diffusers' names and meanings.
+        """Generate images; arguments keep diffusers' names and meanings (each is described in ``GenerationArgs``).
 
         Task: no ``image`` -> text-to-image; ``image`` -> image-to-image (``strength``, or ``denoising_start`` to
         continue a base's latents passed as ``image``); ``image`` + ``mask_image`` -> inpainting (white repaints).
-        Defaults follow the matching diffusers pipeline (guidance_scale 7.5 for SD, 5.0 for SDXL; strength 0.8 / 0.3
-        for img2img, 1.0 / 0.9999 for inpainting). ``seed``: an int gives image i the seed ``seed + i`` (a batch
-        equals its images made one by one); a list gives one per image. ``rng="torch"`` draws noise like diffusers'
-        CPU ``torch.Generator`` (needs torch), so the same seeds give diffusers' images. ``long_prompts="chunk"``
-        encodes prompts over 75 tokens in chunks (up to the folder's prompt_chunks) instead of truncating.
-        ``output_type``: "pil", "np" (uint8 [N, H, W, 3]), "np_float" ([0, 1] float32) or "latent".
-        ``callback(step_index, num_steps, timestep, latents)`` returning False raises GenerationCancelled (its
-        ``partial`` result holds the latents so far).
+        Defaults follow the matching diffusers pipeline (num_inference_steps 50; guidance_scale 7.5 for SD, 5.0 for
+        SDXL; strength 0.8 / 0.3 for img2img, 1.0 / 0.9999 for inpainting). ``seed``: an int gives image i the seed
+        ``seed + i`` (a batch equals its images made one by one); a list gives one per image. ``rng="torch"`` draws
+        noise like diffusers' CPU ``torch.Generator`` (needs torch), so the same seeds give diffusers' images.
+        ``long_prompts="chunk"`` encodes prompts over 75 tokens in chunks (up to the folder's prompt_chunks)
+        instead of truncating. ``output_type``: "pil", "np" (uint8 [N, H, W, 3]), "np_float" ([0, 1] float32) or
+        "latent". ``callback(step_index, num_steps, timestep, latents)`` returning False raises GenerationCancelled
+        (its ``partial`` result holds the latents so far). Every argument is checked before any engine runs: an
+        invalid one raises RequestError naming it and what is allowed.
         """
-        args = dict(locals())
-        del args["self"]
+        return self.generate(GenerationArgs(
+            prompt=prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+            image=image, mask_image=mask_image, height=height, width=width, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, strength=strength,
+            denoising_start=denoising_start, denoising_end=denoising_end, num_images_per_prompt=num_images_per_prompt,
+            seed=seed, latents=latents, eta=eta, clip_skip=clip_skip, output_type=output_type, scheduler=scheduler,
+            scheduler_config=scheduler_config, original_size=original_size,
+            crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+            negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
+            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+            long_prompts=long_prompts, rng=rng, callback=callback,
+        ))
+
+    def validate(self, args: GenerationArgs) -> tuple[Request, Scheduler, Plan]:
+        """Check every argument against this folder without running an engine; raise RequestError naming it."""
+        request = build_request(self.spec, self.ranges, args, self.conditioner.chunks_needed)
+        try:
+            sched = self.get_scheduler(args.scheduler, args.scheduler_config)
+            plan = sched.plan(request.num_inference_steps, strength=request.strength,
+                              denoising_start=request.denoising_start, denoising_end=request.denoising_end,
+                              eta=request.eta)
+        except SchedulerConfigError as exc:
+            raise RequestError(f"scheduler={args.scheduler!r}, scheduler_config={args.scheduler_config!r}: "
+                               f"{exc}") from exc
+        return request, sched, plan
+
+    def generate(self, args: GenerationArgs) -> GenerationResult:
+        """Generate from a ``GenerationArgs``: validate everything, then encode, start, denoise and decode."""
         t_start = time.perf_counter()
-        request = build_request(self.spec, self.ranges, args)
-        sched = self.get_scheduler(scheduler, scheduler_config)
-        plan = sched.plan(request.num_inference_steps, strength=request.strength,
-                          denoising_start=request.denoising_start, denoising_end=request.denoising_end, eta=eta)
-        self._check_prompt_length(request)
+        request, sched, plan = self.validate(args)
         timings = Timings()
         streams = NoiseStreams(request.seeds, request.rng)
         t0 = time.perf_counter()
@@ -238,7 +247,7 @@ class Pipeline:
         with arrays.scope():
             try:
                 latents = denoise(plan, start, cond, guidance, self._runner("unet", arrays), streams, timings,
-                                  callback, arrays)
+                                  args.callback, arrays)
             except Cancelled as stop:
                 timings.total = time.perf_counter() - t_start
                 partial = GenerationResult(arrays.get(stop.latents), request.seeds, timings, "latent", parameters,
@@ -257,15 +266,6 @@ class Pipeline:
         timings.total = time.perf_counter() - t_start
         return GenerationResult(images, request.seeds, timings, request.output_type, parameters,
                                 latent_space(self.spec))
-
-    def _check_prompt_length(self, request: Request) -> None:
-        prompts = request.prompts
-        if prompts.chunks is not None and self.conditioner.chunks_needed(prompts) > prompts.chunks:
-            raise RequestError(
-                f"a prompt needs {self.conditioner.chunks_needed(prompts)} chunks of 75 tokens; this folder was "
-                f"built for at most {prompts.chunks} (prompt_chunks): shorten it or rebuild with a larger "
-                "--prompt-chunks"
-            )
 
     def _start(self, request: Request, plan: Plan, streams: NoiseStreams) -> Start:
         source = LatentSource(self.spec, request, streams, self._runner("vae_encoder"))
