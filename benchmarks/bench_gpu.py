@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from sdexport.bench import records
-from sdexport.bench.stats import ratio, summarize
+from harness import records
+from harness.stats import ratio, summarize
 
 RESULTS = Path(__file__).parent / "results" / "gpu.jsonl"
 SYSTEMS = ("sdexport-trt", "sdexport-trt-hostloop", "sdexport-ort-cuda", "diffusers-cuda")

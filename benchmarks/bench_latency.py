@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from sdexport.bench import harness
-from sdexport.bench.cases import DEFAULT_SUITES, SUITES, with_overrides
-from sdexport.bench.models import folders_for
-from sdexport.bench.publish import publish
-from sdexport.bench.systems import SYSTEM_NAMES
+from harness import session
+from harness.cases import DEFAULT_SUITES, SUITES, with_overrides
+from harness.models import folders_for
+from harness.publish import publish
+from harness.systems import SYSTEM_NAMES
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
                                args.repeats)
         plans.append((suite, folders_for(suite.model, suite.random_weights)))
     t0 = time.time()
-    harness.run(plans, [s for s in args.systems.split(",") if s], args.history, sgemm=not args.no_sgemm,
+    session.run(plans, [s for s in args.systems.split(",") if s], args.history, sgemm=not args.no_sgemm,
                 timeout=args.timeout, progress=lambda msg: print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True))
     text = publish(args.history, RESULTS / "latency.md", RESULTS / "latency.png",
                    None if args.no_readme else HERE / "README.md", REGENERATE)

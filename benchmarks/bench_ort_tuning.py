@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from sdexport.bench import records
-from sdexport.bench.cases import SUITES, Case
-from sdexport.bench.models import ensure_compiled, folders_for
-from sdexport.bench.ort_tuning import BY_NAME, render_table, run_experiment
+from harness import records
+from harness.cases import SUITES, Case
+from harness.models import ensure_compiled, folders_for
+from harness.ort_tuning import BY_NAME, render_table, run_experiment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUITE_OF = {"tiny-sd15": "tiny-sd15", "tiny-sdxl": "tiny-sdxl", "sd15": "sd15-256", "sdxl": "sdxl-512"}

@@ -13,10 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from sdexport.bench import records
-from sdexport.bench.environment import environment
-from sdexport.bench.report import sgemm_lines
-from sdexport.bench.sgemm import SIZES, measure_ceiling
+from harness import records
+from harness.environment import environment
+from harness.report import sgemm_lines
+from harness.sgemm import SIZES, measure_ceiling
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench_latency import REGENERATE, RESULTS
 
-from sdexport.bench.publish import publish
+from harness.publish import publish
 
 HERE = Path(__file__).resolve().parent
 

@@ -207,7 +207,6 @@ def parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_parity(sub)
     _add_doctor(sub)
-    _add_bench(sub)
     return ap
 
 
@@ -238,18 +237,6 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     code, text = run_doctor(args.folder, args.json, args.device)
     print(text)
     return code
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from sdexport.bench import add_bench_arguments
-
-    add_bench_arguments(sub.add_parser("bench", help="latency and memory of a compiled folder against diffusers"))
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from sdexport.bench import run_bench
-
-    return run_bench(args)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -289,7 +276,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "build": _cmd_build, "info": _cmd_info, "run": _cmd_run, "parity": _cmd_parity, "doctor": _cmd_doctor,
-    "bench": _cmd_bench,
 }
 
 

@@ -6,6 +6,7 @@ Set SDEXPORT_TEST_BUILDS=/some/dir to keep the tiny folders between sessions (bu
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+
+TESTS = Path(__file__).resolve().parent
+# Importable by every test module: tests/fakes (shared fakes and test data, ``from fakes.schedulers import ...``)
+# and benchmarks/harness (the benchmark harness, outside the installed package, which the bench tests cover).
+for _folder in (TESTS, TESTS.parent / "benchmarks"):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 
 @pytest.fixture(scope="session")

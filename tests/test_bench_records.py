@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from sdexport.bench import records
-from sdexport.bench.stats import summarize
+from harness import records
+from harness.stats import summarize
 
 ENV = {"cpu": "test cpu", "cores": 2, "versions": {"numpy": "2"}}
 CASE = {"model": "tiny-sd15", "family": "sd", "backend": "onnxruntime", "precision": "fp32", "height": 64,

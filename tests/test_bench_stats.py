@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdexport.bench.stats import Summary, percentile, ratio, summarize
+from harness.stats import Summary, percentile, ratio, summarize
 
 
 @pytest.mark.parametrize("q", [0, 10, 25, 50, 75, 90, 100])

@@ -2,7 +2,7 @@
 
 Variants change one thing from sdexport's defaults (``sdexport.engines.ort.session_options``): intra/inter-op
 threads, thread spinning, execution mode, graph optimisation level, memory arena, memory pattern, denormals, and
-IO binding. ``python -m sdexport.bench.ort_tuning VARIANT GRAPH FEEDS.npz REPEATS`` measures one variant.
+IO binding. ``python -m harness.ort_tuning VARIANT GRAPH FEEDS.npz REPEATS`` measures one variant.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from sdexport.bench.cases import Case
-from sdexport.bench.memory import peak_rss_mib
-from sdexport.bench.stats import ratio, summarize
+from harness import child_environ
+from harness.cases import Case
+from harness.memory import peak_rss_mib
+from harness.stats import ratio, summarize
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,8 @@ def measure_variant(variant: Variant, graph: Path, feeds: Mapping[str, np.ndarra
 
 
 def _spawn(variant: Variant, graph: Path, feeds_path: Path, repeats: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "sdexport.bench.ort_tuning", variant.name, str(graph), str(feeds_path), str(repeats)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    cmd = [sys.executable, "-m", "harness.ort_tuning", variant.name, str(graph), str(feeds_path), str(repeats)]
+    done = subprocess.run(cmd, env=child_environ(), capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -162,8 +163,8 @@ def run_experiment(folder: Path, case: Case, variants: Sequence[str] | None = No
     """Measure every variant on one component of ``folder`` at ``case``'s size and batch (the UNet gets the 2 x
     batch rows of CFG); ``rounds`` passes over the variants in rotating order so that drift in the machine's load
     spreads evenly. Returns result lines."""
-    from sdexport.bench import flops, records
-    from sdexport.bench.environment import environment
+    from harness import flops, records
+    from harness.environment import environment
 
     chosen = [BY_NAME[n] for n in (variants or BY_NAME)]
     graph = flops.component_graph(folder, component)
@@ -190,7 +191,7 @@ def run_experiment(folder: Path, case: Case, variants: Sequence[str] | None = No
 
 def render_table(lines: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: one table per (model, component, size, batch), of the latest run of each, best variant first."""
-    from sdexport.bench.report import table
+    from harness.report import table
 
     tuning = [r for r in lines if r["kind"] == "ort_tuning"]
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
