@@ -8,7 +8,6 @@ IO binding. ``python -m harness.ort_tuning VARIANT GRAPH FEEDS.npz REPEATS`` mea
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,10 +34,6 @@ class Variant:
     options: Mapping[str, Any] = field(default_factory=dict)
     config: Mapping[str, str] = field(default_factory=dict)
     io_binding: bool = False
-
-
-def _cores() -> int:
-    return os.cpu_count() or 1
 
 
 VARIANTS: tuple[Variant, ...] = (

@@ -17,7 +17,7 @@ from typing import Any
 
 from sdexport.engines.artifacts import check_inside, file_record, sha256_file
 from sdexport.engines.compat import Environment, GpuInfo, probe_environment, verified_plan
-from sdexport.engines.trt_profiles import Bucket, ProfileSpec, check_profile, component_profiles
+from sdexport.engines.trt_profiles import Bucket, check_profile, component_profiles
 from sdexport.errors import ArtifactError, CompatibilityError, SdexportError
 from sdexport.specs import ModelSpec, ShapeRanges
 
@@ -317,8 +317,3 @@ def engine_record(plan_rel: str, folder: Path, info: Mapping[str, Any], key: str
         else None,
         "build_seconds": round(seconds, 1),
     }
-
-
-def profiles_of(record: Mapping[str, Any]) -> list[ProfileSpec]:
-    """The ProfileSpecs of an engine record, in the engine's profile index order."""
-    return [ProfileSpec.from_dict(p) for p in record["profiles"]]

@@ -7,7 +7,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -175,10 +174,6 @@ class Scheduler(ABC):
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.config.items() if v != self.defaults[k]}
         return f"{type(self).__name__}({changed})"
-
-    def to_config(self) -> MappingProxyType:
-        """The effective config (diffusers' ``scheduler.config`` minus private keys)."""
-        return MappingProxyType({"_class_name": self.class_name, **self.config})
 
     def plan(
         self,
