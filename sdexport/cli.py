@@ -126,12 +126,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _progress_bar(enabled: bool) -> object:
-    def show(step: int, total: int, timestep: float, latents: object) -> None:
-        done = step + 1
-        bar = "#" * (30 * done // total)
-        print(f"\r  [{bar:<30}] {done}/{total} (t={timestep:.0f})", end="" if done < total else "\n",
-              file=sys.stderr, flush=True)
-    return show if enabled else None
+    from sdexport.cli_progress import StepBar
+
+    return StepBar() if enabled else None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -260,7 +257,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
         random_weights=args.random_weights, allow_pickle=args.allow_pickle, backend=args.backend,
         trt=_trt_options(args) if args.backend == "tensorrt" else None,
     )
-    build(config, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    from sdexport.cli_progress import BuildProgress
+
+    progress = BuildProgress()
+    try:
+        build(config, progress=progress)
+    finally:
+        progress.close()
     return 0
 
 

@@ -26,6 +26,7 @@ from sdexport.engines import artifacts
 from sdexport.errors import ArtifactError
 from sdexport.export.load import SourceInfo, inspect_source, load_source
 from sdexport.export.lora import LORA_TARGETS, LoraSpec, fuse_loras
+from sdexport.progress import Step
 from sdexport.specs import ShapeRanges
 from sdexport.specs.presets import default_ranges_for
 
@@ -231,7 +232,7 @@ def build(config: BuildConfig, progress: Callable[[str], None] | None = None) ->
         # converts and validates with no torch model in memory (the largest graphs need that room).
         raws = []
         for index, name in enumerate(todo):
-            say(f"{name}: exporting ({plan[name]})")
+            say(Step(f"{name}: exporting ({plan[name]})", "export", index, len(todo)))
             t0 = time.perf_counter()
             raws.append(export_raw(source, name, plan[name], ranges, folder))
             _free_after(source.pipe, name, todo[index + 1:])
@@ -248,7 +249,8 @@ def build(config: BuildConfig, progress: Callable[[str], None] | None = None) ->
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             records[name].update(key=keys[name], build_seconds=round(seconds[name], 2), peak_rss_mib=round(peak))
             artifacts.atomic_write_json(folder / artifacts.BUILD_DIR / f"{name}.json", records[name])
-            say(f"{name}: {plan[name]} graph validated, {seconds[name]:.1f} s (peak RSS so far {peak:.0f} MiB)")
+            say(Step(f"{name}: {plan[name]} graph validated, {seconds[name]:.1f} s (peak RSS so far {peak:.0f} MiB)",
+                     "validate", len(todo) - len(raws), len(todo)))
         files: dict[str, dict[str, Any]] = {}
         for name in plan:
             files.update(records[name]["files"])
