@@ -8,6 +8,7 @@ IO binding. ``python -m harness.ort_tuning VARIANT GRAPH FEEDS.npz REPEATS`` mea
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,8 +130,8 @@ def combine(name: str, rounds: Sequence[dict], baseline: dict | None) -> dict[st
         return {"variant": name, "status": "failed", "reason": errors[0] if errors else "no result"}
     runs = summarize([t for r in ok for t in r["times"]])
     out = {"variant": name, "status": "ok", "run_s": runs.to_dict(),
-           "create_s": summarize([r["create_s"] for r in ok]).median,
-           "first_s": summarize([r["first_s"] for r in ok]).median,
+           "create_s": statistics.median(r["create_s"] for r in ok),
+           "first_s": statistics.median(r["first_s"] for r in ok),
            "peak_rss_mib": max(r["peak_rss_mib"] for r in ok)}
     if baseline and baseline.get("status") == "ok":
         out["speedup_vs_baseline"] = ratio(baseline["run_s"]["median"], runs.median)
