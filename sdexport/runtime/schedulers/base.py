@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, NamedTuple
@@ -160,6 +160,8 @@ class Scheduler(ABC):
     """The diffusers class's ``__init__`` arguments and defaults: the config keys this class reads."""
     order: ClassVar[int] = 1
     uses_eta: ClassVar[bool] = False
+    state_type: ClassVar[Callable[[], Any] | None] = None
+    """Builds the mutable per-run history of multi-step methods (``None``: one-step methods keep none)."""
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any) -> None:
         self.config, self.hidden_config = resolve_config(self.class_name, self.defaults, config, overrides)
@@ -269,7 +271,7 @@ class Scheduler(ABC):
 
     def _new_state(self) -> Any:
         """Mutable per-run history (``None`` for one-step methods)."""
-        return None
+        return self.state_type() if self.state_type is not None else None
 
     @abstractmethod
     def _step(

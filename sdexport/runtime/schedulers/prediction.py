@@ -57,6 +57,10 @@ class SigmaParam:
             return model_output * self.v_model + sample / self.v_div
         return model_output
 
+    def derivative(self, x0: Array, sample: Array) -> Array:
+        """``(x - x0) / sigma``: dx/dsigma of the probability-flow ODE at this level (Euler, Heun, LMS)."""
+        return (sample - x0) / self.sigma
+
 
 @dataclass(frozen=True)
 class X0Processor:
