@@ -28,6 +28,7 @@ OPT_IN = {"sd15_256": "sd15-256", "sd15_512": "sd15-512", "sdxl": "sdxl-512"}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
+    """The command-line arguments of this script."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sd15-256", action="store_true", help="add the full SD 1.5 architecture at 256x256")
     ap.add_argument("--sd15-512", action="store_true", help="add the full SD 1.5 architecture at 512x512")
@@ -46,6 +47,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    """Run the chosen suites, append their results and re-render the tables; returns the exit code."""
     args = parse(argv)
     names = args.only or [*DEFAULT_SUITES, *(suite for flag, suite in OPT_IN.items() if getattr(args, flag))]
     plans = []

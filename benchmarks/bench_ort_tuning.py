@@ -24,6 +24,7 @@ SUITE_OF = {"tiny-sd15": "tiny-sd15", "tiny-sdxl": "tiny-sdxl", "sd15": "sd15-25
 
 
 def main(argv: list[str]) -> int:
+    """Run the session-option experiment on one network and render its table; returns the exit code."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-sd15", choices=sorted(SUITE_OF))
     ap.add_argument("--size", type=int, help="pixel height = width (default: the suite's)")

@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
+    """Re-render the results from the recorded JSON lines; returns the exit code."""
     print(publish(RESULTS / "latency.jsonl", RESULTS / "latency.md", RESULTS / "latency.png", HERE / "README.md",
                   REGENERATE))
     return 0

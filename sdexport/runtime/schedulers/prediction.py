@@ -46,6 +46,7 @@ class SigmaParam:
 
     @classmethod
     def of(cls, sigma: float) -> SigmaParam:
+        """The level ``sigma`` with its v-prediction weights, rounded as float32 like diffusers' tensors."""
         s = f32.F(sigma)
         return cls(float(s), float(-s / f32.sqrt(s * s + 1)), float(s * s + 1))
 
