@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from sdexport.bench import records
-from sdexport.bench.stats import ratio, summarize
+from harness import records
+from harness.stats import ratio, summarize
 
 RESULTS = Path(__file__).parent / "results" / "gpu.jsonl"
 SYSTEMS = ("sdexport-trt", "sdexport-trt-hostloop", "sdexport-ort-cuda", "diffusers-cuda")
@@ -118,7 +118,29 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _run_workers(systems: list[str], argv: list[str], latents: np.ndarray,
+                 batch: int) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Measure each system in its own child process (this script with ``--worker``); its row and its images."""
+    rows: list[dict[str, Any]] = []
+    images: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/latents.npy", latents)
+        for system in systems:
+            cmd = [sys.executable, __file__, *argv, "--worker", system, "--latents", f"{tmp}/latents.npy",
+                   "--images", f"{tmp}/{system}.npy"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                last = done.stderr.strip().splitlines()[-1:]
+                rows.append({"system": system, "error": last[0] if last else f"exit status {done.returncode}"})
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            images[system] = np.load(f"{tmp}/{system}.npy")
+            rows.append(dict(row, batch=batch))
+    return rows, images
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Measure the systems on the folder (or, with the hidden ``--worker``, be one system's child process)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--folder", required=True, help="a compiled folder with TensorRT engines (fp16)")
     ap.add_argument("--diffusers", help="hub id or local diffusers folder of the same weights (diffusers-cuda)")
@@ -155,21 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = int(manifest["model"].get("vae_scale_factor", 8))
     shape = (args.batch, channels, args.size[0] // scale, args.size[1] // scale)
     latents = np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32)
-    rows: list[dict[str, Any]] = []
-    images: dict[str, np.ndarray] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        np.save(f"{tmp}/latents.npy", latents)
-        for system in systems:
-            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", system,
-                   "--latents", f"{tmp}/latents.npy", "--images", f"{tmp}/{system}.npy"]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                last = done.stderr.strip().splitlines()[-1:]
-                rows.append({"system": system, "error": last[0] if last else f"exit status {done.returncode}"})
-                continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            images[system] = np.load(f"{tmp}/{system}.npy")
-            rows.append(dict(row, batch=args.batch))
+    rows, images = _run_workers(systems, argv if argv is not None else sys.argv[1:], latents, args.batch)
     for row in rows:
         if PEER in images and row["system"] in images:
             row["max_abs_diff"] = float(np.abs(images[row["system"]] - images[PEER]).max())

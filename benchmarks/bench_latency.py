@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from sdexport.bench import harness
-from sdexport.bench.cases import DEFAULT_SUITES, SUITES, with_overrides
-from sdexport.bench.models import folders_for
-from sdexport.bench.publish import publish
-from sdexport.bench.systems import SYSTEM_NAMES
+from harness import session
+from harness.cases import DEFAULT_SUITES, SUITES, with_overrides
+from harness.models import folders_for
+from harness.publish import publish
+from harness.systems import SYSTEM_NAMES
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -28,6 +28,7 @@ OPT_IN = {"sd15_256": "sd15-256", "sd15_512": "sd15-512", "sdxl": "sdxl-512"}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
+    """The command-line arguments of this script."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sd15-256", action="store_true", help="add the full SD 1.5 architecture at 256x256")
     ap.add_argument("--sd15-512", action="store_true", help="add the full SD 1.5 architecture at 512x512")
@@ -46,6 +47,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    """Run the chosen suites, append their results and re-render the tables; returns the exit code."""
     args = parse(argv)
     names = args.only or [*DEFAULT_SUITES, *(suite for flag, suite in OPT_IN.items() if getattr(args, flag))]
     plans = []
@@ -54,7 +56,7 @@ def main(argv: list[str]) -> int:
                                args.repeats)
         plans.append((suite, folders_for(suite.model, suite.random_weights)))
     t0 = time.time()
-    harness.run(plans, [s for s in args.systems.split(",") if s], args.history, sgemm=not args.no_sgemm,
+    session.run(plans, [s for s in args.systems.split(",") if s], args.history, sgemm=not args.no_sgemm,
                 timeout=args.timeout, progress=lambda msg: print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True))
     text = publish(args.history, RESULTS / "latency.md", RESULTS / "latency.png",
                    None if args.no_readme else HERE / "README.md", REGENERATE)

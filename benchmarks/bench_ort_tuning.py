@@ -14,16 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-from sdexport.bench import records
-from sdexport.bench.cases import SUITES, Case
-from sdexport.bench.models import ensure_compiled, folders_for
-from sdexport.bench.ort_tuning import BY_NAME, render_table, run_experiment
+from harness import records
+from harness.cases import SUITES, Case
+from harness.models import ensure_compiled, folders_for
+from harness.ort_tuning import BY_NAME, render_table, run_experiment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUITE_OF = {"tiny-sd15": "tiny-sd15", "tiny-sdxl": "tiny-sdxl", "sd15": "sd15-256", "sdxl": "sdxl-512"}
 
 
 def main(argv: list[str]) -> int:
+    """Run the session-option experiment on one network and render its table; returns the exit code."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-sd15", choices=sorted(SUITE_OF))
     ap.add_argument("--size", type=int, help="pixel height = width (default: the suite's)")

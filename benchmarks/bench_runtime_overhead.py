@@ -51,6 +51,7 @@ class StepClock:
 
 
 def run_ours(pipe: Pipeline, kwargs: dict[str, Any], latents: np.ndarray) -> tuple[float, list[float], list[float]]:
+    """One generation with sdexport's Pipeline: total seconds, step wall times, per-step overheads."""
     clock = StepClock()
     t0 = time.perf_counter()
     out = pipe(**kwargs, latents=latents, output_type="np_float", callback=lambda *a: clock.mark())
@@ -60,6 +61,7 @@ def run_ours(pipe: Pipeline, kwargs: dict[str, Any], latents: np.ndarray) -> tup
 
 
 def run_diffusers(pipe: Any, kwargs: dict[str, Any], latents: np.ndarray) -> tuple[float, list[float], list[float]]:
+    """One generation with diffusers (UNet forward timed): total seconds, step wall times, per-step overheads."""
     clock = StepClock()
     forward = pipe.unet.forward
 
@@ -86,6 +88,7 @@ def run_diffusers(pipe: Any, kwargs: dict[str, Any], latents: np.ndarray) -> tup
 
 def measure(name: str, runner: Callable[..., tuple[float, list[float], list[float]]], pipe: Any,
             kwargs: dict[str, Any], latents: np.ndarray, repeats: int) -> dict[str, float]:
+    """Median per-step overhead, step time and end-to-end time of ``repeats`` runs of ``runner``."""
     runner(pipe, kwargs, latents)  # warm-up
     totals, walls, overheads = [], [], []
     for _ in range(repeats):
@@ -98,6 +101,7 @@ def measure(name: str, runner: Callable[..., tuple[float, list[float], list[floa
 
 
 def bench_preset(preset: str, work: Path, steps: int, size: int, batch: int, repeats: int) -> list[dict[str, Any]]:
+    """Build the preset, then measure ours and diffusers on it; one result row each."""
     folder = work / preset
     build(BuildConfig(model=preset, out=folder))
     ours = Pipeline.load(folder)
@@ -137,6 +141,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
+    """Measure the requested presets, append JSON lines and print the table; returns the exit code."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", action="append", help="tiny preset(s); default tiny-sd15 and tiny-sdxl")
     ap.add_argument("--steps", type=int, default=20)

@@ -13,15 +13,16 @@ import json
 import sys
 from pathlib import Path
 
-from sdexport.bench import records
-from sdexport.bench.environment import environment
-from sdexport.bench.report import sgemm_lines
-from sdexport.bench.sgemm import SIZES, measure_ceiling
+from harness import records
+from harness.environment import environment
+from harness.report import sgemm_lines
+from harness.sgemm import SIZES, measure_ceiling
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str]) -> int:
+    """Measure the sgemm ceiling, append it to the history and print it; returns the exit code."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     ap.add_argument("--repeats", type=int, default=5)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from bench_latency import REGENERATE, RESULTS
 
-from sdexport.bench.publish import publish
+from harness.publish import publish
 
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
+    """Re-render the results from the recorded JSON lines; returns the exit code."""
     print(publish(RESULTS / "latency.jsonl", RESULTS / "latency.md", RESULTS / "latency.png", HERE / "README.md",
                   REGENERATE))
     return 0

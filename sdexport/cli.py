@@ -203,12 +203,9 @@ def _messages(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def _progress_bar(enabled: bool) -> object:
-    def show(step: int, total: int, timestep: float, latents: object) -> None:
-        done = step + 1
-        bar = "#" * (30 * done // total)
-        print(f"\r  [{bar:<30}] {done}/{total} (t={timestep:.0f})", end="" if done < total else "\n",
-              file=sys.stderr, flush=True)
-    return show if enabled else None
+    from sdexport.cli_progress import StepBar
+
+    return StepBar() if enabled else None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -277,7 +274,6 @@ def parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_parity(sub)
     _add_doctor(sub)
-    _add_bench(sub)
     return ap
 
 
@@ -294,18 +290,6 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     code, text = run_doctor(args.folder, args.json, args.device)
     print(text)
     return code
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from sdexport.bench import add_bench_arguments
-
-    add_bench_arguments(sub.add_parser("bench", help="latency and memory of a compiled folder against diffusers"))
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from sdexport.bench import run_bench
-
-    return run_bench(args)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -329,7 +313,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
         random_weights=args.random_weights, allow_pickle=args.allow_pickle, backend=args.backend,
         backend_options=_backend_values(args, get_backend(args.backend)),
     )
-    build(config, progress=_messages(args))
+    if args.quiet:
+        build(config, progress=_messages(args))
+        return 0
+    from sdexport.cli_progress import BuildProgress
+
+    progress = BuildProgress()
+    try:
+        build(config, progress=progress)
+    finally:
+        progress.close()
     return 0
 
 
@@ -345,7 +338,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "build": _cmd_build, "info": _cmd_info, "run": _cmd_run, "parity": _cmd_parity, "doctor": _cmd_doctor,
-    "bench": _cmd_bench,
 }
 
 

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# Test doubles live in tests/fakes/ and are imported as ``fakes.*`` (also by spawned builder processes).
-_TESTS = str(Path(__file__).parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+TESTS = Path(__file__).resolve().parent
+# Importable by every test module: tests/fakes (shared fakes and test data, ``from fakes.schedulers import ...``)
+# and benchmarks/harness (the benchmark harness, outside the installed package, which the bench tests cover).
+for _folder in (TESTS, TESTS.parent / "benchmarks"):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sdexport.bench.flops import count_unet, last_run, node_flops, profile_graph, summarize_profile, unet_feeds
+from harness.flops import count_unet, last_run, node_flops, profile_graph, summarize_profile, unet_feeds
 
 
 def test_node_flops_formulas() -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from sdexport.bench.ort_tuning import BY_NAME, VARIANTS, combine, measure_variant, recommend, runner, session_options
-from sdexport.bench.stats import summarize
+from harness.ort_tuning import BY_NAME, VARIANTS, combine, measure_variant, recommend, runner, session_options
+from harness.stats import summarize
 
 
 def test_every_variant_changes_one_thing() -> None:

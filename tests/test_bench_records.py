@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from sdexport.bench import records
-from sdexport.bench.stats import summarize
+from harness import records
+from harness.stats import summarize
 
 ENV = {"cpu": "test cpu", "cores": 2, "versions": {"numpy": "2"}}
 CASE = {"model": "tiny-sd15", "family": "sd", "backend": "onnxruntime", "precision": "fp32", "height": 64,
@@ -69,7 +69,6 @@ def test_append_and_read_round_trip(tmp_path: Path) -> None:
     path.write_text(path.read_text() + "\n")  # a blank line is tolerated
     assert records.read(path) == [first, other]
     assert records.read(path, kind="sgemm") == [other]
-    assert records.latest_run(records.read(path)) in ([other], [first])
 
 
 def test_read_names_the_bad_line(tmp_path: Path) -> None:
@@ -88,10 +87,3 @@ def test_append_validates_before_writing(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         records.append(path, [latency(), bad])
     assert not path.exists() or path.read_text() == ""
-
-
-def test_latest_run_picks_newest_time() -> None:
-    a = dict(latency(), run_id="a", time="2026-01-01T00:00:00+00:00")
-    b = dict(latency(), run_id="b", time="2026-01-02T00:00:00+00:00")
-    assert records.latest_run([b, a, a]) == [b]
-    assert records.latest_run([]) == []

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdexport.bench import records
-from sdexport.bench.chart import COLORS, bars, render_png
-from sdexport.bench.publish import END, START, latest, publish, replace_section
-from sdexport.bench.report import COLUMNS, best_sgemm, goals, rebase, render, row
-from sdexport.bench.stats import summarize
+from harness import records
+from harness.chart import COLORS, bars, render_png
+from harness.publish import END, START, latest, publish, replace_section
+from harness.report import COLUMNS, best_sgemm, goals, rebase, render, row
+from harness.stats import summarize
 
 ENV = {"cpu": "test cpu", "cores": 2, "versions": {"numpy": "2"}, "cpu_flags": ["avx2"], "memory_mib": 1024}
 

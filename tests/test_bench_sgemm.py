@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from sdexport.bench import environment, sgemm
+from harness import environment, sgemm
 
 
 def test_gflops_formula() -> None:

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sdexport.bench.cases import SUITES, Case, with_overrides
-from sdexport.bench.timing import RunTiming, StageClock, TimedProxy, aggregate
-from sdexport.bench.worker import PREFIX, describe_error, measure_case
+from harness import child_environ
+from harness.cases import SUITES, Case, with_overrides
+from harness.timing import RunTiming, StageClock, TimedProxy, aggregate
+from harness.worker import PREFIX, describe_error, measure_case
 
 
 class Model:
@@ -102,8 +103,8 @@ def test_worker_process_reports_load_failure(tmp_path: Path) -> None:
     job = {"system": "sdexport", "paths": {"compiled": str(tmp_path / "missing")}, "cases": [case.to_dict()],
            "warmups": 0, "repeats": 1, "latents": {case.key: str(tmp_path / "l.npy")}}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    out = subprocess.run([sys.executable, "-m", "sdexport.bench.worker", str(tmp_path / "job.json")],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "harness.worker", str(tmp_path / "job.json")],
+                         capture_output=True, text=True, timeout=120, check=True, env=child_environ()).stdout
     [result] = [json.loads(x[len(PREFIX):]) for x in out.splitlines() if x.startswith(PREFIX)]
     assert result["status"] == "failed" and result["reason"].startswith("load: ")
 

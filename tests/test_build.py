@@ -16,6 +16,7 @@ from sdexport.export.build import BuildConfig, build
 from sdexport.export.load import inspect_source, load_source
 from sdexport.export.onnx import dummy_inputs, torch_outputs
 from sdexport.export.wrappers import wrap
+from sdexport.progress import Step
 
 EXPECTED = {
     # preset: (family, components, unet in_channels, time_ids)
@@ -27,14 +28,25 @@ EXPECTED = {
 }
 
 
+MESSAGES: dict[str, list[str]] = {}
+"""The progress messages of each fixture build."""
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("builds")
     out = {}
     for preset in EXPECTED:
         out[preset] = root / preset
-        build(BuildConfig(model=preset, out=out[preset]))
+        build(BuildConfig(model=preset, out=out[preset]), progress=MESSAGES.setdefault(preset, []).append)
     return out
+
+
+def test_progress_messages_carry_their_phase_position(folders: dict[str, Path]) -> None:
+    messages = MESSAGES["tiny-sdxl"]
+    positions = [(m.phase, m.done, m.total) for m in messages if isinstance(m, Step)]
+    assert positions == [("export", i, 5) for i in range(5)] + [("validate", i, 5) for i in range(1, 6)]
+    assert messages[0] == "text_encoder: exporting (fp32)" and "built" in messages[-1]
 
 
 @pytest.mark.parametrize("preset", list(EXPECTED))

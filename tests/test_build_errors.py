@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -105,6 +107,21 @@ def test_unwritable_output_folder(tmp_path: Path) -> None:
 def test_concurrent_build_is_refused(tmp_path: Path) -> None:
     with build_lock(tmp_path / "locked"), pytest.raises(BuildLockedError, match="another sdexport build"):
         build(BuildConfig(model="tiny-sd15", out=tmp_path / "locked"))
+
+
+def test_build_lock_is_released_and_held_across_processes(tmp_path: Path) -> None:
+    folder = tmp_path / "locked"
+    with build_lock(folder):
+        pass
+    code = ("import sys; from pathlib import Path; from sdexport.engines.artifacts import build_lock\n"
+            "try:\n    with build_lock(Path(sys.argv[1])): print('acquired')\n"
+            "except Exception as exc: print(type(exc).__name__)")
+    with build_lock(folder):  # released above: taking it again works
+        held = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
+                              timeout=120, check=True)
+    free = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert (held.stdout.strip(), free.stdout.strip()) == ("BuildLockedError", "acquired")
 
 
 def test_truncated_graph_is_detected_and_rebuild_repairs_only_it(tmp_path: Path, built: Path) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sdexport.cli import main
@@ -19,13 +21,14 @@ def _parameters(path: Path) -> dict[str, Any]:
 
 
 def test_run_writes_pngs_with_their_parameters(tiny_folder: Callable[[str], Path], tmp_path: Path,
-                                               capsys: Any) -> None:
+                                               capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out.png"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the step bar draws on terminals only
     code = main(["run", str(tiny_folder("tiny-sdxl")), "--prompt", "a red circle", "--seed", "7", "--steps", "3",
                  "--num-images", "2", "--height", "72", "--width", "56", "--out", str(out)])
     assert code == 0
     err = capsys.readouterr().err
-    assert "3/3" in err  # the progress bar reached the last step
+    assert "3/3" in err and "<" in err  # the progress bar reached the last step and showed an ETA
     for index in range(2):
         path = tmp_path / f"out-{index}.png"
         params = _parameters(path)

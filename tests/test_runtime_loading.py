@@ -62,6 +62,20 @@ def test_runtime_generates_with_torch_diffusers_transformers_onnx_blocked(tiny_f
     assert "needs torch installed" in report["torch_error"]
 
 
+def test_runtime_imports_without_fcntl_filelock_or_tqdm() -> None:
+    """Windows has no fcntl; filelock (build lock) and tqdm (CLI bars) are not the runtime's to need."""
+    code = BLOCKER.replace('("torch", "diffusers", "transformers", "onnx")',
+                           '("torch", "diffusers", "transformers", "onnx", "fcntl", "filelock", "tqdm")') + (
+        "import sdexport.runtime.pipeline, sdexport.engines.artifacts, sdexport.engines.ort, sdexport.cli\n"
+        "import sdexport.engines.tensorrt.runtime\n"
+        "from sdexport import Pipeline\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED))\n")
+    assert "fcntl" in code
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 @pytest.fixture
 def copied(tiny_folder: Callable[[str], Path], tmp_path: Path) -> Path:
     target = tmp_path / "copy"

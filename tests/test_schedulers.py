@@ -23,14 +23,11 @@ from diffusers import (  # noqa: E402
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
-from test_schedulers_api import ALIASES  # noqa: E402  (one short name per algorithm)
 
+from fakes.schedulers import ALIASES, SD15, SDXL, SHAPE  # noqa: E402
 from sdexport.runtime.schedulers import SchedulerConfigError, load_scheduler  # noqa: E402
 from sdexport.runtime.schedulers.registry import resolve_name  # noqa: E402
-from sdexport.specs import PRESETS  # noqa: E402
 
-SD15 = dict(PRESETS["sd15"].configs()["scheduler"])  # the shipped scheduler_config.json
-SDXL = dict(PRESETS["sdxl"].configs()["scheduler"])  # the shipped scheduler_config.json
 ZSNR = {
     **SD15,
     "prediction_type": "v_prediction",
@@ -58,7 +55,6 @@ ULPS = 4 * float(np.finfo(np.float32).eps)
 SIGMA_TERMINAL = float(np.sqrt((1 - 2.0**-24) / 2.0**-24))
 STEPS = (1, 2, 5, 20, 50)
 
-SHAPE = (1, 4, 8, 8)
 _RNG = np.random.default_rng(20240601)
 FIELD = _RNG.standard_normal(SHAPE).astype(np.float32)
 NOISES = [_RNG.standard_normal(SHAPE).astype(np.float32) for _ in range(128)]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import sdexport.runtime.schedulers as schedulers
+from fakes.schedulers import ALIASES, SD15, SHAPE
 from sdexport.runtime.schedulers import (
     SCHEDULER_CLASSES,
     SchedulerConfigError,
@@ -19,23 +20,6 @@ from sdexport.runtime.schedulers import (
     load_scheduler,
     scheduler_names,
 )
-from sdexport.specs import PRESETS
-
-SD15 = dict(PRESETS["sd15"].configs()["scheduler"])  # the shipped scheduler_config.json
-ALIASES = [
-    "ddpm",
-    "ddim",
-    "pndm",
-    "euler",
-    "euler_a",
-    "heun",
-    "dpmpp_2m",
-    "dpmpp_2m_sde",
-    "unipc",
-    "lms",
-    "lcm",
-]
-SHAPE = (1, 4, 8, 8)
 
 
 def _run(plan, seed: int = 0) -> list[np.ndarray]:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes.tensorrt import NEWEST, OLDEST, FakeTrt, copied_folder, fake_build_target, install
 
+from fakes.tensorrt import NEWEST, OLDEST, FakeTrt, copied_folder, fake_build_target, install
 from sdexport.engines.artifacts import load_manifest
 from sdexport.engines.tensorrt import layer as trt_layer
 from sdexport.engines.tensorrt.build import (

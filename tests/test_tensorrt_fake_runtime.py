@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fakes.tensorrt_runtime import FakeCuda, StrictArrays, read_host
 
 

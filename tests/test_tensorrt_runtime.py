@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fakes.tensorrt import NEWEST, copied_folder, fake_build_target, install
-from fakes.tensorrt_runtime import FakeCuda, StrictArrays
 from safetensors.numpy import save_file
 
+from fakes.tensorrt import NEWEST, copied_folder, fake_build_target, install
+from fakes.tensorrt_runtime import FakeCuda, StrictArrays
 from sdexport.engines import get_backend
 from sdexport.engines.artifacts import load_manifest, write_manifest
 from sdexport.engines.lora import LoraSwapper, ort_session

@@ -15,7 +15,6 @@ The manifest's ``files`` maps every file above (relative path) to its size and s
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -74,21 +73,23 @@ def atomic_write_json(path: Path, data: Any) -> None:
 @contextlib.contextmanager
 def build_lock(folder: Path) -> Iterator[None]:
     """Hold the folder's exclusive lock for the duration of a build; a second build fails at once."""
+    # Imported here: only builds lock (filelock comes with the export extra); the runtime imports this module too.
+    from filelock import FileLock, Timeout
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle = (folder / LOCK).open("a+")
+        lock = FileLock(folder / LOCK, timeout=0)
+        lock.acquire()
+    except Timeout as exc:
+        raise BuildLockedError(
+            f"another sdexport build is writing to {folder}; wait for it to finish or use another --out"
+        ) from exc
     except OSError as exc:
         raise ArtifactError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from exc
     try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise BuildLockedError(
-                f"another sdexport build is writing to {folder}; wait for it to finish or use another --out"
-            ) from exc
         yield
     finally:
-        handle.close()
+        lock.release()
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

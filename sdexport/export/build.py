@@ -26,6 +26,7 @@ from sdexport.errors import ArtifactError
 from sdexport.export.build_plan import PRECISIONS, BuildConfig, BuildPlan, plan_build, schedule, up_to_date_manifest
 from sdexport.export.load import load_source
 from sdexport.export.lora import LORA_TARGETS, fuse_loras
+from sdexport.progress import Step
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def _trace(plan: BuildPlan, source: Any, say: Progress) -> list[Any]:
 
     raws = []
     for index, name in enumerate(plan.todo):
-        say(f"{name}: exporting ({plan.precisions[name]})")
+        say(Step(f"{name}: exporting ({plan.precisions[name]})", "export", index, len(plan.todo)))
         t0 = time.perf_counter()
         raws.append(export_raw(source, name, plan.precisions[name], plan.ranges, plan.folder))
         _free_after(source.pipe, name, plan.todo[index + 1:])
@@ -167,8 +168,8 @@ def _convert(plan: BuildPlan, raws: list[Any], say: Progress) -> None:
         record.update(key=plan.keys[name], build_seconds=round(plan.seconds[name], 2), peak_rss_mib=round(peak))
         plan.records[name] = record
         artifacts.atomic_write_json(plan.folder / artifacts.BUILD_DIR / f"{name}.json", record)
-        say(f"{name}: {plan.precisions[name]} graph validated, {plan.seconds[name]:.1f} s (peak RSS so far "
-            f"{peak:.0f} MiB)")
+        say(Step(f"{name}: {plan.precisions[name]} graph validated, {plan.seconds[name]:.1f} s (peak RSS so far "
+                 f"{peak:.0f} MiB)", "validate", len(plan.todo) - len(raws), len(plan.todo)))
 
 
 def _manifest(plan: BuildPlan, fused: list[dict[str, Any]], support: dict[str, dict[str, Any]]) -> dict[str, Any]:

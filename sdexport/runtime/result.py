@@ -6,8 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from sdexport.errors import SdexportError
 
 
@@ -57,12 +55,6 @@ class Timings:
     steps: list[float] = field(default_factory=list)
     vae_decoder: float = 0.0
     total: float = 0.0
-
-    def overhead_per_step(self) -> float:
-        """Mean seconds per model evaluation spent outside the UNet engine."""
-        if not self.steps:
-            return 0.0
-        return float(np.mean(np.asarray(self.steps) - np.asarray(self.unet)))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""

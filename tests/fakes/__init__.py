@@ -1,1 +1,1 @@
-"""Test doubles shared by several test files (imported as ``fakes.*``; tests/conftest.py puts tests/ on the path)."""
+"""Test doubles and shared test data, imported by test modules as ``fakes.<module>`` (tests/ is on sys.path)."""

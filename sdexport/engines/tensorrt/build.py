@@ -17,8 +17,9 @@ from typing import Any
 
 from sdexport.engines.artifacts import check_inside, file_record, sha256_file
 from sdexport.engines.tensorrt.compat import Environment, GpuInfo, probe_environment, verified_plan
-from sdexport.engines.tensorrt.profiles import Bucket, ProfileSpec, check_profile, component_profiles
+from sdexport.engines.tensorrt.profiles import Bucket, check_profile, component_profiles
 from sdexport.errors import ArtifactError, CompatibilityError, SdexportError
+from sdexport.progress import Step
 from sdexport.specs import ModelSpec, ShapeRanges
 
 log = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ def build_engines(folder: Path, manifest: Mapping[str, Any], options: TrtOptions
     previous = manifest.get("engines", {})
     engines: dict[str, Any] = {}
     files: dict[str, dict[str, Any]] = {}
-    for name in wanted:
+    for index, name in enumerate(wanted):
         comp = manifest["components"][name]
         component = spec.components[name]
         profiles = component_profiles(component, ranges, spec.vae_scale_factor, options.shapes, options.buckets)
@@ -279,19 +280,20 @@ def build_engines(folder: Path, manifest: Mapping[str, Any], options: TrtOptions
         onnx_sha = graph_digest(manifest["files"], comp["graph"], plan_rel)
         key = engine_key(onnx_sha, profile_dicts, decisions, env.tensorrt_version, gpu)
         if _reusable(folder, previous.get(name), key):
-            say(f"{name}: TensorRT engine up to date")
+            say(Step(f"{name}: TensorRT engine up to date", "tensorrt", index + 1, len(wanted)))
             engines[name] = dict(previous[name])
         else:
             if comp.get("precision") == "fp32":
                 log.warning("%s: the graph is fp32, so its engine runs in fp32/TF32; build with --precision fp16 "
                             "for fp16 engines", name)
-            say(f"{name}: building TensorRT engine ({', '.join(p.label for p in profiles)})")
+            say(Step(f"{name}: building TensorRT engine ({', '.join(p.label for p in profiles)})", "tensorrt", index,
+                     len(wanted)))
             job = BuildJob(name, str(check_inside(folder, comp["graph"])), str(check_inside(folder, plan_rel)),
                            profile_dicts, decisions.to_dict(), str(cache), options.device)
             t0 = time.perf_counter()
             info = run_isolated(target or _build_target(), job, f"{name} engine", options.timeout_s)
             seconds = time.perf_counter() - t0
-            say(f"{name}: engine built in {seconds:.0f} s")
+            say(Step(f"{name}: engine built in {seconds:.0f} s", "tensorrt", index + 1, len(wanted)))
             engines[name] = engine_record(plan_rel, folder, info, key, profile_dicts, decisions, gpu, onnx_sha,
                                           seconds)
         files[plan_rel] = {"size": engines[name]["size"], "sha256": engines[name]["sha256"]}
@@ -325,8 +327,3 @@ def engine_record(plan_rel: str, folder: Path, info: Mapping[str, Any], key: str
         else None,
         "build_seconds": round(seconds, 1),
     }
-
-
-def profiles_of(record: Mapping[str, Any]) -> list[ProfileSpec]:
-    """The ProfileSpecs of an engine record, in the engine's profile index order."""
-    return [ProfileSpec.from_dict(p) for p in record["profiles"]]

@@ -8,7 +8,6 @@ is listed in ``api_names.txt`` and checked against the real bindings by ``tests/
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -87,9 +86,10 @@ def parse_onnx(trt: ModuleType, network: Any, path: str) -> Any:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    from filelock import FileLock  # build side only (export extra); the runtime imports this module for refit
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with (path.parent / (path.name + ".lock")).open("a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    with FileLock(path.parent / (path.name + ".lock")):
         yield
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -161,6 +160,8 @@ class Scheduler(ABC):
     """The diffusers class's ``__init__`` arguments and defaults: the config keys this class reads."""
     order: ClassVar[int] = 1
     uses_eta: ClassVar[bool] = False
+    state_type: ClassVar[Callable[[], Any] | None] = None
+    """Builds the mutable per-run history of multi-step methods (``None``: one-step methods keep none)."""
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any) -> None:
         self.config, self.hidden_config = resolve_config(self.class_name, self.defaults, config, overrides)
@@ -175,10 +176,6 @@ class Scheduler(ABC):
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.config.items() if v != self.defaults[k]}
         return f"{type(self).__name__}({changed})"
-
-    def to_config(self) -> MappingProxyType:
-        """The effective config (diffusers' ``scheduler.config`` minus private keys)."""
-        return MappingProxyType({"_class_name": self.class_name, **self.config})
 
     def plan(
         self,
@@ -274,7 +271,7 @@ class Scheduler(ABC):
 
     def _new_state(self) -> Any:
         """Mutable per-run history (``None`` for one-step methods)."""
-        return None
+        return self.state_type() if self.state_type is not None else None
 
     @abstractmethod
     def _step(

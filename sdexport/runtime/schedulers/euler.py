@@ -80,5 +80,4 @@ class EulerDiscreteScheduler(SigmaScheduler):
     ) -> tuple:
         c: _Coefs = entry.coefs
         x0 = c.level.x0(self.prediction_type, model_output, sample)
-        derivative = (sample - x0) / c.level.sigma
-        return sample + derivative * c.dt, x0
+        return sample + c.level.derivative(x0, sample) * c.dt, x0

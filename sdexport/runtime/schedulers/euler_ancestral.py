@@ -55,6 +55,5 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     ) -> tuple:
         c: _Coefs = entry.coefs
         x0 = c.level.x0(self.prediction_type, model_output, sample)
-        derivative = (sample - x0) / c.level.sigma
-        prev = sample + derivative * c.dt
+        prev = sample + c.level.derivative(x0, sample) * c.dt  # the Euler step down to sigma_down
         return prev + noise * c.sigma_up, x0

@@ -34,6 +34,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
     """
 
     class_name = "HeunDiscreteScheduler"
+    state_type = _State
     defaults = {
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
@@ -77,15 +78,12 @@ class HeunDiscreteScheduler(SigmaScheduler):
             out.append(self._entry(j, schedule.timesteps[j], sig[j], False, coefs))
         return out
 
-    def _new_state(self) -> _State:
-        return _State()
-
     def _step(
         self, entry: Entry, state: _State, model_output: Array, sample: Array, noise: Array | None
     ) -> tuple:
         c: _Coefs = entry.coefs
         x0 = self.process_x0(c.level.x0(self.prediction_type, model_output, sample))
-        derivative = (sample - x0) / c.level.sigma
+        derivative = c.level.derivative(x0, sample)
         if c.first_order:
             state.derivative, state.sample = derivative, sample
         else:

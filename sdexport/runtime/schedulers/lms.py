@@ -46,6 +46,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
     """x_next = x + sum_k c_k d_{j-k}, with d = (x - x0) / sigma and c_k integrals of Lagrange polynomials."""
 
     class_name = "LMSDiscreteScheduler"
+    state_type = _State
     defaults = {
         **BETA_DEFAULTS,
         "use_karras_sigmas": False,
@@ -75,14 +76,11 @@ class LMSDiscreteScheduler(SigmaScheduler):
             )
         return out
 
-    def _new_state(self) -> _State:
-        return _State()
-
     def _step(
         self, entry: Entry, state: _State, model_output: Array, sample: Array, noise: Array | None
     ) -> tuple:
         c: _Coefs = entry.coefs
         x0 = c.level.x0(self.prediction_type, model_output, sample)
-        state.derivatives = [*state.derivatives[-(LMS_ORDER - 1) :], (sample - x0) / c.level.sigma]
+        state.derivatives = [*state.derivatives[-(LMS_ORDER - 1) :], c.level.derivative(x0, sample)]
         update = sum(w * d for w, d in zip(c.lms, reversed(state.derivatives), strict=False))
         return sample + update, x0

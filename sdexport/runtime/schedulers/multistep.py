@@ -74,6 +74,7 @@ class MultistepScheduler(Scheduler):
     """Solvers on ``x_t = alpha_t x0 + sigma_t eps`` that keep past model outputs; model input is unscaled."""
 
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "sample", "v_prediction")
+    state_type = History
     unsupported_flags: ClassVar[tuple[str, ...]] = ("use_flow_sigmas", "use_dynamic_shifting")
     karras_rounds_cosine: ClassVar[bool] = True
     """UniPC rounds Karras timesteps for every beta schedule; DPM-Solver not for ``squaredcos_cap_v2``."""
@@ -161,9 +162,6 @@ class MultistepScheduler(Scheduler):
             x0 = self.process_x0(at.x0("epsilon", eps, sample))
             eps = (sample - at.alpha * x0) / at.sigma
         return eps
-
-    def _new_state(self) -> History:
-        return History()
 
     def _remember(self, state: History, converted: Array) -> list:
         keep = self.solver_order - 1

@@ -37,6 +37,7 @@ class PNDMScheduler(AlphaScheduler):
     """Fourth-order linear multistep on the DDIM transfer, warmed up by Runge-Kutta or by a 2nd-order step."""
 
     class_name = "PNDMScheduler"
+    state_type = _State
     defaults = {
         **BETA_DEFAULTS,
         "skip_prk_steps": False,
@@ -88,9 +89,6 @@ class PNDMScheduler(AlphaScheduler):
             coefs = _Coefs(mode, self.param(a_t), float(sample_coef), float(a_prev - a_t), float(denominator))
             out.append(self._entry(j, tp, False, coefs))
         return out
-
-    def _new_state(self) -> _State:
-        return _State()
 
     def _step(
         self, entry: Entry, state: _State, model_output: Array, sample: Array, noise: Array | None

@@ -46,6 +46,7 @@ class SigmaParam:
 
     @classmethod
     def of(cls, sigma: float) -> SigmaParam:
+        """The level ``sigma`` with its v-prediction weights, rounded as float32 like diffusers' tensors."""
         s = f32.F(sigma)
         return cls(float(s), float(-s / f32.sqrt(s * s + 1)), float(s * s + 1))
 
@@ -56,6 +57,10 @@ class SigmaParam:
         if kind == "v_prediction":
             return model_output * self.v_model + sample / self.v_div
         return model_output
+
+    def derivative(self, x0: Array, sample: Array) -> Array:
+        """``(x - x0) / sigma``: dx/dsigma of the probability-flow ODE at this level (Euler, Heun, LMS)."""
+        return (sample - x0) / self.sigma
 
 
 @dataclass(frozen=True)

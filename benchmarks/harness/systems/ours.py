@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from sdexport.bench.cases import Case
-from sdexport.bench.timing import RunTiming
+from harness.cases import Case
+from harness.timing import RunTiming
 
 
 class OursRunner:

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from sdexport.bench import flops as flop_count
-from sdexport.bench.cases import Case, Suite
-from sdexport.bench.models import Folders
-from sdexport.bench.records import make_record
-from sdexport.bench.stats import ratio
-from sdexport.bench.systems import EAGER, OPTIMUM, OURS
-from sdexport.bench.worker import PREFIX
+from harness import child_environ
+from harness import flops as flop_count
+from harness.cases import Case, Suite
+from harness.models import Folders
+from harness.records import make_record
+from harness.stats import ratio
+from harness.systems import EAGER, OPTIMUM, OURS
+from harness.worker import PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ def _spawn(job: dict[str, Any], workdir: Path, python: str, env: Mapping[str, st
     """Run one worker; its results by case key, and an error when it died or timed out."""
     path = workdir / f"job-{job['system']}-b{job['cases'][0]['batch']}.json"
     path.write_text(json.dumps(job))
-    proc = subprocess.Popen([python, "-m", "sdexport.bench.worker", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(env) if env else None,
+    proc = subprocess.Popen([python, "-m", "harness.worker", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_environ(env),
                             start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)

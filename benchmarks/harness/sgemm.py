@@ -1,6 +1,6 @@
 """This CPU's sgemm ceiling: float32 matrix-multiply GFLOP/s of numpy's BLAS, ONNX Runtime's MLAS and torch.
 
-``python -m sdexport.bench.sgemm`` prints one JSON object. ``measure_ceiling`` runs that in a child process with
+``python -m harness.sgemm`` prints one JSON object. ``measure_ceiling`` runs that in a child process with
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset (they pin OpenBLAS to an older, slower kernel on this machine) and
 records which kernel then ran (threadpoolctl).
 """
@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from sdexport.bench.environment import BLAS_VARIABLES, blas_info
-from sdexport.bench.stats import summarize
+from harness import child_environ
+from harness.environment import BLAS_VARIABLES, blas_info
+from harness.stats import summarize
 
 SIZES = (1024, 2048, 4096)
 
@@ -120,19 +121,20 @@ def clean_environ() -> dict[str, str]:
 
 def measure_ceiling(sizes: Sequence[int] = SIZES, repeats: int = 5, timeout: float = 900) -> dict[str, Any]:
     """``measure`` in a child process without the OpenBLAS pins; notes which pins were removed."""
-    cmd = [sys.executable, "-m", "sdexport.bench.sgemm", "--sizes", ",".join(map(str, sizes)),
+    cmd = [sys.executable, "-m", "harness.sgemm", "--sizes", ",".join(map(str, sizes)),
            "--repeats", str(repeats)]
-    done = subprocess.run(cmd, env=clean_environ(), capture_output=True, text=True, timeout=timeout, check=True)
+    done = subprocess.run(cmd, env=child_environ(clean_environ()), capture_output=True, text=True, timeout=timeout,
+                          check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["unset_env"] = [k for k in BLAS_VARIABLES if k in os.environ]
     return result
 
 
 def main(argv: list[str]) -> int:
-    """``python -m sdexport.bench.sgemm [--sizes 1024,2048] [--repeats 5]``: prints the JSON result."""
+    """``python -m harness.sgemm [--sizes 1024,2048] [--repeats 5]``: prints the JSON result."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m sdexport.bench.sgemm")
+    ap = argparse.ArgumentParser(prog="python -m harness.sgemm")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--backends", default=",".join(BACKENDS))

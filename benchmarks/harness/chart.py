@@ -8,8 +8,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from sdexport.bench.report import case_label
-from sdexport.bench.systems import EAGER, SYSTEM_NAMES
+from harness.report import case_label
+from harness.systems import EAGER, SYSTEM_NAMES
 
 COLORS = {"sdexport": (31, 119, 180), "diffusers-eager": (150, 150, 150), "diffusers-compile": (255, 127, 14),
           "optimum-ort": (44, 160, 44)}

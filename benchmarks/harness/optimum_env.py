@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import sdexport
+from harness import child_environ
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,9 @@ def source_path() -> str:
 
 
 def venv_environ() -> dict[str, str]:
-    """The environment for processes in the venv: our sources importable, no user site, same threads."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_path(), env.get("PYTHONPATH")) if p)
+    """The environment for processes in the venv: sdexport and this harness importable, no user site, same threads."""
+    env = child_environ()
+    env["PYTHONPATH"] = os.pathsep.join((source_path(), env["PYTHONPATH"]))
     env["PYTHONNOUSERSITE"] = "1"
     return env
 
@@ -82,7 +83,7 @@ def export_folder(python: Path, diffusers_folder: Path, out: Path, timeout: floa
     if (out / "model_index.json").exists():
         return
     tmp = out.with_name(out.name + ".partial")
-    cmd = [str(python), "-m", "sdexport.bench.systems.optimum", "export", str(diffusers_folder), str(tmp)]
+    cmd = [str(python), "-m", "harness.systems.optimum", "export", str(diffusers_folder), str(tmp)]
     try:
         done = subprocess.run(cmd, env=venv_environ(), capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:

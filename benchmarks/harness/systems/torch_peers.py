@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from sdexport.bench.systems.peer import PeerRunner
+from harness.systems.peer import PeerRunner
 
 log = logging.getLogger(__name__)
 

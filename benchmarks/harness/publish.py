@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sdexport.bench import records
-from sdexport.bench.chart import render_png
-from sdexport.bench.report import best_sgemm, render
+from harness import records
+from harness.chart import render_png
+from harness.report import best_sgemm, render
 
 START, END = "<!-- bench:latest:start -->", "<!-- bench:latest:end -->"
 

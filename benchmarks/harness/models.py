@@ -1,7 +1,7 @@
 """The folders a suite is measured on, built once and cached: our compiled folder, the same weights as a diffusers
 folder (for the torch peers) and optimum's ONNX export of it.
 
-``python -m sdexport.bench.models diffusers MODEL OUT [--random-weights]`` saves a source as a diffusers folder.
+``python -m harness.models diffusers MODEL OUT [--random-weights]`` saves a source as a diffusers folder.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from harness import child_environ
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def folders_for(model: str, random_weights: bool, root: Path | None = None, comp
 
 def _run(cmd: list[str], what: str, timeout: float) -> None:
     log.warning("%s: %s", what, " ".join(cmd))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    done = subprocess.run(cmd, env=child_environ(), capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{what} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
 
@@ -65,7 +67,7 @@ def ensure_compiled(model: str, random_weights: bool, out: Path, height: tuple[i
 def ensure_diffusers(model: str, random_weights: bool, out: Path, timeout: float = 3600) -> Path:
     """Save the source of ``model`` (the same weights sdexport compiles) as a diffusers folder, once."""
     if not (out / "model_index.json").exists():
-        cmd = [sys.executable, "-m", "sdexport.bench.models", "diffusers", model, str(out)]
+        cmd = [sys.executable, "-m", "harness.models", "diffusers", model, str(out)]
         _run(cmd + (["--random-weights"] if random_weights else []), f"saving {model} as a diffusers folder",
              timeout)
     legacy_text_encoder_keys(out)
@@ -119,8 +121,8 @@ def save_diffusers(model: str, random_weights: bool, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of ``python -m sdexport.bench.models``."""
-    ap = argparse.ArgumentParser(prog="python -m sdexport.bench.models")
+    """Entry point of ``python -m harness.models``."""
+    ap = argparse.ArgumentParser(prog="python -m harness.models")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("diffusers", help="save a model's source weights as a diffusers folder")
     p.add_argument("model")

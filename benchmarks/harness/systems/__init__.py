@@ -7,8 +7,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from sdexport.bench.cases import Case
-from sdexport.bench.timing import RunTiming
+from harness.cases import Case
+from harness.timing import RunTiming
 
 OURS = "sdexport"
 EAGER = "diffusers-eager"
@@ -35,15 +35,15 @@ def open_runner(system: str, paths: Mapping[str, str], options: Mapping[str, Any
     """Load ``system`` from the folders in ``paths`` (compiled / diffusers / optimum)."""
     options = dict(options or {})
     if system == OURS:
-        from sdexport.bench.systems.ours import OursRunner
+        from harness.systems.ours import OursRunner
 
         return OursRunner(paths["compiled"], options)
     if system in TORCH_SYSTEMS:
-        from sdexport.bench.systems.torch_peers import load_diffusers
+        from harness.systems.torch_peers import load_diffusers
 
         return load_diffusers(paths["diffusers"], compile_unet=system == COMPILE)
     if system == OPTIMUM:
-        from sdexport.bench.systems.optimum import load_optimum
+        from harness.systems.optimum import load_optimum
 
         return load_optimum(paths["optimum"])
     raise ValueError(f"unknown system {system!r}; choose from {SYSTEM_NAMES}")

@@ -1,4 +1,5 @@
-"""``sdexport bench FOLDER``: arguments and the call into the harness (no torch imported here)."""
+"""``python benchmarks/bench_folder.py FOLDER``: measure any compiled folder; its arguments and the call into the
+harness (no torch imported here)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from sdexport.bench.cases import Case, Suite
-from sdexport.bench.models import Folders, folders_for, source_of
-from sdexport.bench.systems import SYSTEM_NAMES
+from harness.cases import Case, Suite
+from harness.models import Folders, folders_for, source_of
+from harness.systems import SYSTEM_NAMES
 
 
 def _systems(text: str) -> list[str]:
@@ -20,8 +21,8 @@ def _systems(text: str) -> list[str]:
     return names
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``sdexport bench``."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``bench_folder.py``."""
     parser.add_argument("folder", type=Path, help="a compiled folder (sdexport build)")
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 20], help="num_inference_steps values")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="num_images_per_prompt values")
@@ -55,28 +56,28 @@ def folder_suite(folder: Path, steps: list[int], batches: list[int], size: tuple
     return suite, folders
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """Run ``sdexport bench``; prints the markdown report; returns the exit code."""
-    from sdexport.bench import harness, records, report
+def run(args: argparse.Namespace) -> int:
+    """Measure ``args.folder``; prints the markdown report; returns the exit code."""
+    from harness import records, report, session
 
     folder = args.folder
     if not (folder / "manifest.json").exists():
-        sys.stderr.write(f"sdexport bench: {folder} has no manifest.json; build it with `sdexport build`\n")
+        sys.stderr.write(f"bench_folder.py: {folder} has no manifest.json; build it with `sdexport build`\n")
         return 2
     suite, folders = folder_suite(folder, args.steps, args.batch, tuple(args.size) if args.size else None,
                                   args.warmups, args.repeats)
     progress = lambda msg: sys.stderr.write(msg + "\n")  # noqa: E731
-    lines = harness.run([(suite, folders)], args.systems, args.out, sgemm=not args.no_sgemm, timeout=args.timeout,
+    lines = session.run([(suite, folders)], args.systems, args.out, sgemm=not args.no_sgemm, timeout=args.timeout,
                         progress=progress)
     if args.ort_tuning:
-        from sdexport.bench import ort_tuning
+        from harness import ort_tuning
 
         tuned = ort_tuning.run_experiment(folder, suite.cases[0], progress=progress)
         records.append(args.out, tuned)
         lines += tuned
     chart = None
     if args.chart:
-        from sdexport.bench.chart import render_png
+        from harness.chart import render_png
 
         chart = str(render_png(lines, args.chart))
     text = report.render(lines, chart)

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from sdexport.bench.cases import Case
-from sdexport.bench.timing import RunTiming, StageClock, TimedProxy
+from harness.cases import Case
+from harness.timing import RunTiming, StageClock, TimedProxy
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 

@@ -118,11 +118,3 @@ def read(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
         if kind is None or record["kind"] == kind:
             out.append(record)
     return out
-
-
-def latest_run(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records of the most recent run id (by time) in ``records``."""
-    if not records:
-        return []
-    last = max(records, key=lambda r: r["time"])["run_id"]
-    return [r for r in records if r["run_id"] == last]

@@ -1,6 +1,6 @@
 """optimum's ONNX Runtime diffusion pipeline as a benchmarked system; runs inside its own virtual environment.
 
-``python -m sdexport.bench.systems.optimum export DIFFUSERS_FOLDER OUT`` exports a diffusers folder with optimum.
+``python -m harness.systems.optimum export DIFFUSERS_FOLDER OUT`` exports a diffusers folder with optimum.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sdexport.bench.systems.peer import PeerRunner
+from harness.systems.peer import PeerRunner
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,6 @@ def export(source: str | Path, out: str | Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "export":
-        sys.exit("usage: python -m sdexport.bench.systems.optimum export DIFFUSERS_FOLDER OUT")
+        sys.exit("usage: python -m harness.systems.optimum export DIFFUSERS_FOLDER OUT")
     logging.basicConfig(level=logging.WARNING)
     export(sys.argv[2], sys.argv[3])

@@ -1,6 +1,6 @@
 """A worker process: load one system, measure a list of cases, print one JSON result per case.
 
-Run as ``python -m sdexport.bench.worker JOB.json`` (by the runner, one process per system and batch size, so each
+Run as ``python -m harness.worker JOB.json`` (by the runner, one process per system and batch size, so each
 process's peak memory is its own). Imports only the standard library, numpy and the system measured.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from sdexport.bench.cases import Case
-from sdexport.bench.memory import peak_rss_mib, reset_peak
-from sdexport.bench.timing import aggregate
+from harness.cases import Case
+from harness.memory import peak_rss_mib, reset_peak
+from harness.timing import aggregate
 
 PREFIX = "SDEXPORT-BENCH "
 """Marks result lines on stdout, so that libraries printing there cannot corrupt them."""
@@ -56,7 +56,7 @@ def measure_case(runner: Any, case: Case, latents: np.ndarray, warmups: int, rep
 
 def run_job(job: dict[str, Any]) -> None:
     """Load the job's system and emit one result per case (status ok or failed with the reason)."""
-    from sdexport.bench.systems import open_runner
+    from harness.systems import open_runner
 
     cases = [Case.from_dict(c) for c in job["cases"]]
     t0 = time.perf_counter()
@@ -84,9 +84,9 @@ def run_job(job: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: ``python -m sdexport.bench.worker JOB.json``."""
+    """Entry point: ``python -m harness.worker JOB.json``."""
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m sdexport.bench.worker JOB.json\n")
+        sys.stderr.write("usage: python -m harness.worker JOB.json\n")
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_job(json.loads(Path(argv[0]).read_text()))

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdexport.bench.systems import OURS, SYSTEM_NAMES
+from harness.systems import OURS, SYSTEM_NAMES
 
 COLUMNS = ("case", "system", "end-to-end s (IQR)", "x eager", "UNet ms/eval (best)", "text ms", "VAE dec ms",
            "overhead ms/step", "img/s", "peak RSS MiB", "x eager RSS", "first s", "load s", "UNet GFLOP/s",

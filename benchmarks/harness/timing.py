@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdexport.bench.stats import Summary, summarize
+from harness.stats import Summary, summarize
 
 
 @dataclass

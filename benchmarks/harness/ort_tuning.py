@@ -2,13 +2,13 @@
 
 Variants change one thing from sdexport's defaults (``sdexport.engines.ort.session_options``): intra/inter-op
 threads, thread spinning, execution mode, graph optimisation level, memory arena, memory pattern, denormals, and
-IO binding. ``python -m sdexport.bench.ort_tuning VARIANT GRAPH FEEDS.npz REPEATS`` measures one variant.
+IO binding. ``python -m harness.ort_tuning VARIANT GRAPH FEEDS.npz REPEATS`` measures one variant.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from sdexport.bench.cases import Case
-from sdexport.bench.memory import peak_rss_mib
-from sdexport.bench.stats import ratio, summarize
+from harness import child_environ
+from harness.cases import Case
+from harness.memory import peak_rss_mib
+from harness.stats import ratio, summarize
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,6 @@ class Variant:
     options: Mapping[str, Any] = field(default_factory=dict)
     config: Mapping[str, str] = field(default_factory=dict)
     io_binding: bool = False
-
-
-def _cores() -> int:
-    return os.cpu_count() or 1
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -118,8 +115,8 @@ def measure_variant(variant: Variant, graph: Path, feeds: Mapping[str, np.ndarra
 
 
 def _spawn(variant: Variant, graph: Path, feeds_path: Path, repeats: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "sdexport.bench.ort_tuning", variant.name, str(graph), str(feeds_path), str(repeats)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    cmd = [sys.executable, "-m", "harness.ort_tuning", variant.name, str(graph), str(feeds_path), str(repeats)]
+    done = subprocess.run(cmd, env=child_environ(), capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -133,8 +130,8 @@ def combine(name: str, rounds: Sequence[dict], baseline: dict | None) -> dict[st
         return {"variant": name, "status": "failed", "reason": errors[0] if errors else "no result"}
     runs = summarize([t for r in ok for t in r["times"]])
     out = {"variant": name, "status": "ok", "run_s": runs.to_dict(),
-           "create_s": summarize([r["create_s"] for r in ok]).median,
-           "first_s": summarize([r["first_s"] for r in ok]).median,
+           "create_s": statistics.median(r["create_s"] for r in ok),
+           "first_s": statistics.median(r["first_s"] for r in ok),
            "peak_rss_mib": max(r["peak_rss_mib"] for r in ok)}
     if baseline and baseline.get("status") == "ok":
         out["speedup_vs_baseline"] = ratio(baseline["run_s"]["median"], runs.median)
@@ -162,8 +159,8 @@ def run_experiment(folder: Path, case: Case, variants: Sequence[str] | None = No
     """Measure every variant on one component of ``folder`` at ``case``'s size and batch (the UNet gets the 2 x
     batch rows of CFG); ``rounds`` passes over the variants in rotating order so that drift in the machine's load
     spreads evenly. Returns result lines."""
-    from sdexport.bench import flops, records
-    from sdexport.bench.environment import environment
+    from harness import flops, records
+    from harness.environment import environment
 
     chosen = [BY_NAME[n] for n in (variants or BY_NAME)]
     graph = flops.component_graph(folder, component)
@@ -190,7 +187,7 @@ def run_experiment(folder: Path, case: Case, variants: Sequence[str] | None = No
 
 def render_table(lines: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: one table per (model, component, size, batch), of the latest run of each, best variant first."""
-    from sdexport.bench.report import table
+    from harness.report import table
 
     tuning = [r for r in lines if r["kind"] == "ort_tuning"]
     groups: dict[tuple, list[Mapping[str, Any]]] = {}

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
-    if not values:
-        raise ValueError("percentile of an empty sequence")
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile q must be within 0..100, got {q}")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -61,16 +49,14 @@ class Summary:
 
 def summarize(values: Sequence[float]) -> Summary:
     """Summary of at least one sample; stdev is the sample standard deviation (0 for one sample)."""
-    data = [float(v) for v in values]
-    if not data:
+    data = np.asarray(values, dtype=np.float64).ravel()
+    if data.size == 0:
         raise ValueError("cannot summarize zero samples")
-    if any(math.isnan(v) for v in data):
-        raise ValueError("cannot summarize NaN samples")
-    n = len(data)
-    mean = sum(data) / n
-    var = sum((v - mean) ** 2 for v in data) / (n - 1) if n > 1 else 0.0
-    return Summary(n, percentile(data, 50), mean, min(data), max(data), percentile(data, 25), percentile(data, 75),
-                   math.sqrt(var))
+    if np.isnan(data).any():
+        raise ValueError(f"cannot summarize NaN samples ({int(np.isnan(data).sum())} of {data.size})")
+    p25, median, p75 = (float(p) for p in np.percentile(data, [25, 50, 75]))  # linear interpolation
+    stdev = float(data.std(ddof=1)) if data.size > 1 else 0.0
+    return Summary(int(data.size), median, float(data.mean()), float(data.min()), float(data.max()), p25, p75, stdev)
 
 
 def ratio(value: float | None, reference: float | None) -> float | None:

@@ -1,4 +1,5 @@
-"""`sdexport bench FOLDER`: arguments, a real run on a tiny folder with our runtime, and no torch at import."""
+"""`python benchmarks/bench_folder.py FOLDER`: arguments, a real run on a tiny folder with our runtime, no torch at
+import, and the harness outside the installed package."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from sdexport.bench import add_bench_arguments, records, run_bench
-from sdexport.bench.command import folder_suite
+import harness
+import sdexport
+from harness import child_environ, records
+from harness.folder import add_arguments, folder_suite, run
 
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_bench_arguments(parser)
+    add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -31,10 +34,26 @@ def test_arguments_and_defaults() -> None:
 
 
 def test_importing_the_package_pulls_no_torch() -> None:
-    code = ("import sys, sdexport.bench, sdexport.bench.harness, sdexport.bench.worker; "
+    code = ("import sys, harness, harness.session, harness.worker; "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                         env=child_environ())
     assert out.stdout.strip() == "[]"
+
+
+def test_the_harness_is_not_in_the_installed_package() -> None:
+    package = Path(sdexport.__file__).parent
+    assert not (package / "bench").exists()
+    assert Path(harness.__file__).resolve().parent == Path(__file__).resolve().parent.parent / "benchmarks" / "harness"
+
+
+def test_the_script_runs_as_documented(tmp_path: Path) -> None:
+    script = Path(harness.BENCHMARKS) / "bench_folder.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 2 and "has no manifest.json" in done.stderr
+    assert "--ort-tuning" in subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                                            timeout=120, check=True).stdout
 
 
 def test_folder_suite(tiny_folder: Callable[[str], Path]) -> None:
@@ -49,7 +68,7 @@ def test_run_bench_on_a_tiny_folder(tiny_folder: Callable[[str], Path], tmp_path
     args = parse(str(tiny_folder("tiny-sd15")), "--steps", "2", "--batch", "1", "2", "--systems", "sdexport",
                  "--warmups", "0", "--repeats", "2", "--no-sgemm", "--out", str(out), "--markdown",
                  str(tmp_path / "r.md"), "--chart", str(tmp_path / "r.png"))
-    assert run_bench(args) == 0
+    assert run(args) == 0
     lines = records.read(out)
     latency = [r for r in lines if r["kind"] == "latency"]
     assert [(r["case"]["batch"], r["status"]) for r in latency] == [(1, "ok"), (2, "ok")]
@@ -66,4 +85,4 @@ def test_run_bench_on_a_tiny_folder(tiny_folder: Callable[[str], Path], tmp_path
 
 
 def test_run_bench_needs_a_manifest(tmp_path: Path) -> None:
-    assert run_bench(parse(str(tmp_path))) == 2
+    assert run(parse(str(tmp_path))) == 2

@@ -10,14 +10,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sdexport.bench import records
-from sdexport.bench.cases import Suite
-from sdexport.bench.environment import environment
-from sdexport.bench.models import Folders, cache_root, ensure_compiled, ensure_diffusers
-from sdexport.bench.optimum_env import PeerUnavailable, ensure_env, export_folder, venv_environ
-from sdexport.bench.runner import Context, run_suite
-from sdexport.bench.sgemm import measure_ceiling
-from sdexport.bench.systems import COMPILE, OPTIMUM, OURS, SYSTEM_NAMES, TORCH_SYSTEMS
+from harness import records
+from harness.cases import Suite
+from harness.environment import environment
+from harness.models import Folders, cache_root, ensure_compiled, ensure_diffusers
+from harness.optimum_env import PeerUnavailable, ensure_env, export_folder, venv_environ
+from harness.runner import Context, run_suite
+from harness.sgemm import measure_ceiling
+from harness.systems import COMPILE, OPTIMUM, OURS, SYSTEM_NAMES, TORCH_SYSTEMS
 
 log = logging.getLogger(__name__)
 
