@@ -12,6 +12,7 @@ import pytest
 from sdexport.cli import main
 from sdexport.errors import UsageError
 from sdexport.export.load import inspect_source, source_identity
+from sdexport.runtime.args import GenerationArgs
 from sdexport.runtime.conditioning import CONDITIONERS, conditioner_for
 from sdexport.runtime.request import build_request
 from sdexport.specs import (
@@ -85,16 +86,8 @@ def test_family() -> Iterator[str]:
     unregister_family(record.name)
 
 
-def _request_args(**overrides: Any) -> dict[str, Any]:
-    names = [p for p in inspect.signature(_pipeline_call()).parameters if p not in ("self", "callback")]
-    defaults = {p: inspect.signature(_pipeline_call()).parameters[p].default for p in names}
-    return {**defaults, **overrides}
-
-
-def _pipeline_call() -> Callable[..., Any]:
-    from sdexport.runtime.pipeline import Pipeline
-
-    return Pipeline.__call__
+def _request_args(**overrides: Any) -> GenerationArgs:
+    return GenerationArgs(**overrides)
 
 
 def test_a_registered_family_is_listed_detected_and_used(test_family: str) -> None:
@@ -106,7 +99,7 @@ def test_a_registered_family_is_listed_detected_and_used(test_family: str) -> No
     assert detect_family(cfg["unet"], texts) == test_family
     spec = model_spec(cfg["unet"], cfg["vae"], texts, cfg["model_index"])
     assert spec.family == test_family and spec.text_encoders == ("text_encoder",)
-    request = build_request(spec, TINY_RANGES, _request_args(prompt="a cat"))
+    request = build_request(spec, TINY_RANGES, _request_args(prompt="a cat"), lambda prompts: 1)
     assert request.guidance_scale == 3.0  # the family's own call defaults
     assert type(conditioner_for(spec, {"tokenizer": object()})) is CONDITIONERS[family(test_family).conditioner]
 
