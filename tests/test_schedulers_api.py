@@ -123,7 +123,7 @@ def test_registry_names():
         ("ddpm", {"beta_schedule": "cosine"}, "beta_schedule"),
         ("ddim", {"timestep_spacing": "uniform"}, "timestep_spacing"),
         ("pndm", {"prediction_type": "sample"}, "prediction_type"),
-        ("euler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ("euler", {"use_beta_sigmas": True, "use_karras_sigmas": True}, "use_beta_sigmas"),
         ("euler", {"interpolation_type": "cubic"}, "interpolation_type"),
         ("euler", {"final_sigmas_type": "sigma_max"}, "final_sigmas_type"),
         ("euler_a", {"prediction_type": "sample"}, "prediction_type"),

@@ -17,11 +17,10 @@ from .ops import Array
 from .prediction import AlphaParam, X0Processor
 from .sigmas import (
     check_sigma_flags,
-    exponential_sigmas,
     interp_sigmas,
-    karras_sigmas,
     sigma_bounds,
     sigma_to_t,
+    spaced_sigmas,
 )
 from .timesteps import spaced_timesteps
 
@@ -107,13 +106,13 @@ class MultistepScheduler(Scheduler):
         return self.num_train_timesteps
 
     def _special_sigmas(self, n: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
-        """``(sigmas, timesteps, round_timesteps)`` for Karras / exponential sigmas, else ``None``."""
+        """``(sigmas, timesteps, round_timesteps)`` for Karras / exponential / beta sigmas, else ``None``."""
         if self.sigma_flag is None:
             return None
         descending = np.flip(self.train_sigmas).copy()
         lo, hi = sigma_bounds(self, descending)
         karras = self.sigma_flag == "use_karras_sigmas"
-        sigmas = karras_sigmas(lo, hi, n) if karras else exponential_sigmas(lo, hi, n)
+        sigmas = spaced_sigmas(self.sigma_flag, lo, hi, n)
         rounded = karras and (
             self.karras_rounds_cosine or self.config["beta_schedule"] != "squaredcos_cap_v2"
         )
