@@ -8,9 +8,10 @@ diffusers; a value that would change the result but is not implemented raises ``
 ``ValueError`` naming the key and the allowed values). ``name`` (default: the config's ``_class_name``) is
 a diffusers class name (``"EulerDiscreteScheduler"``) or an alias: ``ddpm``, ``ddim``, ``pndm``, ``euler``,
 ``euler_a``, ``heun``, ``lms``, ``lcm``, ``unipc``, ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m``, ``dpm_2m``,
-``dpm_2m_sde``, and ``<alias>_karras`` where Karras sigmas exist. An alias may imply config values (the SDE
-algorithm of ``dpmpp_2m_sde``), applied over the config; ``overrides`` come last. ``scheduler_names()`` lists
-the names; ``get_scheduler_class(name)`` returns the class (``Class.from_config(config, **overrides)`` too).
+``dpm_2m_sde``, ``dpm2``, ``dpm2_a``, and ``<alias>_karras`` where Karras sigmas exist. An alias may imply
+config values (the SDE algorithm of ``dpmpp_2m_sde``), applied over the config; ``overrides`` come last.
+``scheduler_names()`` lists the names; ``get_scheduler_class(name)`` returns the class
+(``Class.from_config(config, **overrides)`` too).
 
 A ``Scheduler`` is immutable (read-only tables): one per loaded pipeline, shared by all its requests.
 
@@ -19,7 +20,7 @@ Per request: ``Plan`` and ``Stepper``
 ``scheduler.plan(num_inference_steps, *, strength=None, denoising_start=None, denoising_end=None, eta=0.0)``
 returns an immutable ``Plan`` (safe to share and cache); ``i`` below is a position in ``plan.timesteps``:
 
-- ``plan.timesteps``: one timestep per model evaluation, in diffusers' dtype. Heun lists 2N - 1 evaluations.
+- ``plan.timesteps``: one timestep per model evaluation, in diffusers' dtype. Heun and KDPM2 list 2N - 1.
 - ``plan.num_inference_steps`` (as diffusers reports it), ``plan.init_noise_sigma``, ``plan.begin_index``,
   ``plan.order`` (2 for Heun).
 - ``plan.needs_noise[i]``: step ``i`` consumes one standard-normal array shaped like the sample, exactly where
@@ -69,6 +70,8 @@ from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
+from .kdpm2 import KDPM2DiscreteScheduler
+from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
@@ -84,6 +87,8 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
     "LCMScheduler",
     "LMSDiscreteScheduler",
     "PNDMScheduler",

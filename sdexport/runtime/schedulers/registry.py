@@ -14,6 +14,8 @@ from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
+from .kdpm2 import KDPM2DiscreteScheduler
+from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
@@ -30,6 +32,8 @@ SCHEDULER_CLASSES: tuple[type[Scheduler], ...] = (
     UniPCMultistepScheduler,
     LMSDiscreteScheduler,
     LCMScheduler,
+    KDPM2DiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
 )
 
 
@@ -63,6 +67,8 @@ def _aliases() -> dict[str, Alias]:
         "unipc": Alias(UniPCMultistepScheduler),
         "lms": Alias(LMSDiscreteScheduler),
         "lcm": Alias(LCMScheduler),
+        "dpm2": Alias(KDPM2DiscreteScheduler),
+        "dpm2_a": Alias(KDPM2AncestralDiscreteScheduler),
     }
     karras = {
         f"{name}_karras": Alias(alias.cls, {**alias.preset, "use_karras_sigmas": True})
