@@ -15,6 +15,12 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("xl-dpm2-a-karras", "tiny-sdxl", dict(prompt="a red circle", num_inference_steps=4,
                                            scheduler="KDPM2AncestralDiscreteScheduler",
                                            scheduler_config={"use_karras_sigmas": True})),
+    ("sd-dpmpp-2s-karras", "tiny-sd15", dict(prompt="a red circle", num_inference_steps=6,
+                                             scheduler="DPMSolverSinglestepScheduler",
+                                             scheduler_config={"use_karras_sigmas": True})),
+    ("xl-dpmpp-3s-sde", "tiny-sdxl", dict(prompt="a red circle", num_inference_steps=6,
+                                          scheduler="DPMSolverSinglestepScheduler",
+                                          scheduler_config={"solver_order": 3, "algorithm_type": "sde-dpmsolver++"})),
 ]
 
 

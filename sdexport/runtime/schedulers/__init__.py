@@ -6,12 +6,16 @@ Building a scheduler
 ``diffusers.<Class>.from_config(config, **overrides)`` does: keys the class does not have are ignored, as in
 diffusers; a value that would change the result but is not implemented raises ``SchedulerConfigError`` (a
 ``ValueError`` naming the key and the allowed values). ``name`` (default: the config's ``_class_name``) is
-a diffusers class name (``"EulerDiscreteScheduler"``) or an alias: ``ddpm``, ``ddim``, ``pndm``, ``euler``,
-``euler_a``, ``heun``, ``lms``, ``lcm``, ``unipc``, ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m``, ``dpm_2m``,
-``dpm_2m_sde``, ``dpm2``, ``dpm2_a``, and ``<alias>_karras`` where Karras sigmas exist. An alias may imply
-config values (the SDE algorithm of ``dpmpp_2m_sde``), applied over the config; ``overrides`` come last.
-``scheduler_names()`` lists the names; ``get_scheduler_class(name)`` returns the class
-(``Class.from_config(config, **overrides)`` too).
+a diffusers class name (``"EulerDiscreteScheduler"``) or an alias (and ``<alias>_karras`` where Karras
+sigmas exist):
+
+- ``ddpm``, ``ddim``, ``pndm``, ``euler``, ``euler_a``, ``heun``, ``lms``, ``lcm``, ``unipc``;
+- ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m``, ``dpm_2m``, ``dpm_2m_sde`` (DPM-Solver multistep);
+- ``dpm2``, ``dpm2_a`` (KDPM2); ``dpmpp_2s``, ``dpmpp_3s``, ``dpmpp_2s_sde`` (DPM-Solver singlestep).
+
+An alias may imply config values (the SDE algorithm of ``dpmpp_2m_sde``), applied over the config;
+``overrides`` come last. ``scheduler_names()`` lists the names; ``get_scheduler_class(name)`` returns the
+class (``Class.from_config(config, **overrides)`` too).
 
 A ``Scheduler`` is immutable (read-only tables): one per loaded pipeline, shared by all its requests.
 
@@ -66,6 +70,7 @@ from .base import Entry, Plan, Scheduler, StepOutput, Stepper
 from .config import SchedulerConfigError
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
@@ -83,6 +88,7 @@ __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
     "Entry",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",

@@ -140,7 +140,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         return self.num_train_timesteps - clipped
 
     def _special_sigmas(self, n: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
-        if self.sigma_flag is None and self.config["use_lu_lambdas"]:
+        if self.sigma_flag is None and self.config.get("use_lu_lambdas"):
             lambdas = np.flip(self.log_sigmas.copy())
             lo, hi = lambdas[-1].item(), lambdas[0].item()
             sigmas = np.exp(hi + np.linspace(0, 1, n) * (lo - hi))

@@ -122,10 +122,10 @@ class MultistepScheduler(Scheduler):
         n = num_inference_steps
         timesteps = spaced_timesteps(
             self.class_name,
-            self.config["timestep_spacing"],
+            self.config.get("timestep_spacing", "linspace"),
             self.num_train_timesteps,
             n,
-            int(self.config["steps_offset"]),
+            int(self.config.get("steps_offset", 0)),
             "skip_last",
             self._last_timestep(),
         )

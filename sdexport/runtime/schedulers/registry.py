@@ -10,6 +10,7 @@ from .base import Scheduler
 from .config import SchedulerConfigError
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
@@ -34,6 +35,7 @@ SCHEDULER_CLASSES: tuple[type[Scheduler], ...] = (
     LCMScheduler,
     KDPM2DiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
+    DPMSolverSinglestepScheduler,
 )
 
 
@@ -69,6 +71,11 @@ def _aliases() -> dict[str, Alias]:
         "lcm": Alias(LCMScheduler),
         "dpm2": Alias(KDPM2DiscreteScheduler),
         "dpm2_a": Alias(KDPM2AncestralDiscreteScheduler),
+        "dpmpp_2s": Alias(DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        "dpmpp_3s": Alias(DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+        "dpmpp_2s_sde": Alias(
+            DPMSolverSinglestepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+        ),
     }
     karras = {
         f"{name}_karras": Alias(alias.cls, {**alias.preset, "use_karras_sigmas": True})
