@@ -21,6 +21,8 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("xl-dpmpp-3s-sde", "tiny-sdxl", dict(prompt="a red circle", num_inference_steps=6,
                                           scheduler="DPMSolverSinglestepScheduler",
                                           scheduler_config={"solver_order": 3, "algorithm_type": "sde-dpmsolver++"})),
+    ("sd-deis", "tiny-sd15", dict(prompt="a red circle", num_inference_steps=5,
+                                  scheduler="DEISMultistepScheduler")),
 ]
 
 

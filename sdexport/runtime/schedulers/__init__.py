@@ -11,7 +11,8 @@ sigmas exist):
 
 - ``ddpm``, ``ddim``, ``pndm``, ``euler``, ``euler_a``, ``heun``, ``lms``, ``lcm``, ``unipc``;
 - ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m``, ``dpm_2m``, ``dpm_2m_sde`` (DPM-Solver multistep);
-- ``dpm2``, ``dpm2_a`` (KDPM2); ``dpmpp_2s``, ``dpmpp_3s``, ``dpmpp_2s_sde`` (DPM-Solver singlestep).
+- ``dpm2``, ``dpm2_a`` (KDPM2); ``dpmpp_2s``, ``dpmpp_3s``, ``dpmpp_2s_sde`` (DPM-Solver singlestep);
+- ``deis``.
 
 An alias may imply config values (the SDE algorithm of ``dpmpp_2m_sde``), applied over the config;
 ``overrides`` come last. ``scheduler_names()`` lists the names; ``get_scheduler_class(name)`` returns the
@@ -70,6 +71,7 @@ from .base import Entry, Plan, Scheduler, StepOutput, Stepper
 from .config import SchedulerConfigError
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .deis import DEISMultistepScheduler
 from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
@@ -87,6 +89,7 @@ __all__ = [
     "SCHEDULER_CLASSES",
     "DDIMScheduler",
     "DDPMScheduler",
+    "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
     "DPMSolverSinglestepScheduler",
     "Entry",

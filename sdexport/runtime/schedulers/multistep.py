@@ -88,7 +88,8 @@ class MultistepScheduler(Scheduler):
                     f"{name}: config key {key!r}={self.config[key]!r} is not supported (flow-matching "
                     f"options and solver_p are not implemented); remove it or set it to its default"
                 )
-        check_choice(name, "final_sigmas_type", self.config["final_sigmas_type"], ("zero", "sigma_min"))
+        final = self.config.get("final_sigmas_type", "sigma_min")  # DEIS has no key: its last sigma is sigma_min
+        check_choice(name, "final_sigmas_type", final, ("zero", "sigma_min"))
         self.prediction_type: str = self.config["prediction_type"]
         self.solver_order = int(self.config["solver_order"])
         if self.solver_order not in (1, 2, 3):
@@ -135,7 +136,7 @@ class MultistepScheduler(Scheduler):
         else:
             sigmas, timesteps, rounded = special
             timesteps = timesteps.round() if rounded else timesteps
-        if self.config["final_sigmas_type"] == "zero":
+        if self.config.get("final_sigmas_type", "sigma_min") == "zero":
             last = 0.0
         elif special is not None and self.final_sigma_from_schedule:
             last = sigmas[-1]

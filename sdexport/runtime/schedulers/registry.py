@@ -10,6 +10,7 @@ from .base import Scheduler
 from .config import SchedulerConfigError
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .deis import DEISMultistepScheduler
 from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
@@ -36,6 +37,7 @@ SCHEDULER_CLASSES: tuple[type[Scheduler], ...] = (
     KDPM2DiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     DPMSolverSinglestepScheduler,
+    DEISMultistepScheduler,
 )
 
 
@@ -73,6 +75,7 @@ def _aliases() -> dict[str, Alias]:
         "dpm2_a": Alias(KDPM2AncestralDiscreteScheduler),
         "dpmpp_2s": Alias(DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
         "dpmpp_3s": Alias(DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+        "deis": Alias(DEISMultistepScheduler),
         "dpmpp_2s_sde": Alias(
             DPMSolverSinglestepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
         ),
