@@ -23,6 +23,11 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
                                           scheduler_config={"solver_order": 3, "algorithm_type": "sde-dpmsolver++"})),
     ("sd-deis", "tiny-sd15", dict(prompt="a red circle", num_inference_steps=5,
                                   scheduler="DEISMultistepScheduler")),
+    ("xl-edm-euler", "tiny-sdxl", dict(prompt="a red circle", num_inference_steps=4,
+                                       scheduler="EDMEulerScheduler")),
+    ("sd-edm-dpmpp-2m-v", "tiny-sd15", dict(prompt="a red circle", num_inference_steps=5,
+                                            scheduler="EDMDPMSolverMultistepScheduler",
+                                            scheduler_config={"prediction_type": "v_prediction"})),
 ]
 
 

@@ -32,7 +32,8 @@ from sdexport.runtime.schedulers.registry import resolve_name  # noqa: E402
 
 DERIVED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 # schedulers whose timesteps are always computed from sigmas (interpolated in log-sigma), e.g. KDPM2's midpoints
-DERIVED_ALIASES = {"dpm2", "dpm2_a"}
+DERIVED_ALIASES = {"dpm2", "dpm2_a", "edm_euler", "edm_dpmpp_2m", "edm_dpmpp_2m_sde"}  # EDM: 0.25 log sigma
+STEPWISE = {"edm_euler"}
 # KDPM2 ancestral's sigma_down = sqrt(sigma_next^2 - sigma_up^2) cancels catastrophically in float32 when
 # sigma_next << sigma (few steps): torch's float32 sqrt on this CPU is not correctly rounded for ~19% of the
 # training sigmas, and a 1-ulp sigma there moves sigma_down by up to ~2%, hence the midpoint timestep near t = 0
@@ -111,7 +112,10 @@ def check_parity(alias: str, base: str, overrides: dict, n: int, monkeypatch: An
         with pytest.raises(SchedulerConfigError, match="non-finite"):
             our_run(alias, config, overrides, n, **req)
         return
-    inputs = [ref["start"], *ref["prev"][:-1]] if config.get("rescale_betas_zero_snr") else None
+    # zero SNR (see test_schedulers.TOL_ZSNR) and EDM Euler (a first step from sigma_max ~ 80 whose result is
+    # ~100x smaller: its 4-ulp input allowance is inherited by the next step) start each step from diffusers' input
+    alone = config.get("rescale_betas_zero_snr") or alias in STEPWISE
+    inputs = [ref["start"], *ref["prev"][:-1]] if alone else None
     ours = our_run(alias, config, overrides, n, inputs=inputs, **req)
     derived = any(overrides.get(k) for k in DERIVED) or alias in DERIVED_ALIASES
     if alias in TIMESTEP_ATOL:
@@ -120,7 +124,7 @@ def check_parity(alias: str, base: str, overrides: dict, n: int, monkeypatch: An
     tol = TOL_CANCEL if n <= CANCEL_STEPS.get(alias, 0) else _tol(config)
     if (alias, overrides) in SENSITIVE:
         tol = max(tol, 4 * own_sensitivity(alias, config, overrides, n, monkeypatch, ref))
-    compare(ours, ref, derived, tol, zsnr=inputs is not None)
+    compare(ours, ref, derived, tol, zsnr=bool(config.get("rescale_betas_zero_snr")))
 
 
 BETA_CASES = [
@@ -212,6 +216,22 @@ SWEEP = {
         ("sd15", {"thresholding": True, "sample_max_value": 2.0, "prediction_type": "sample"}),
         ("sd15", {"algorithm_type": "dpmsolver++", "solver_type": "midpoint"}),
     ],
+    "edm_euler": [
+        ("sd15", {"prediction_type": "v_prediction"}),
+        ("sd15", {"sigma_schedule": "exponential"}),
+        ("sd15", {"final_sigmas_type": "sigma_min", "sigma_data": 1.0, "sigma_max": 120.0, "rho": 5.0}),
+    ],
+    "edm_dpmpp_2m": [
+        ("sd15", {"prediction_type": "v_prediction"}),
+        ("sd15", {"sigma_schedule": "exponential"}),
+        ("sd15", {"solver_type": "heun", "lower_order_final": False}),
+        ("sd15", {"final_sigmas_type": "sigma_min", "sigma_data": 1.0, "sigma_max": 120.0}),
+        ("sd15", {"euler_at_final": True, "final_sigmas_type": "sigma_min"}),
+        ("sd15", {"solver_order": 3}),
+        ("sd15", {"solver_order": 1}),
+        ("sd15", {"thresholding": True, "sample_max_value": 2.0}),
+    ],
+    "edm_dpmpp_2m_sde": [("sd15", {"solver_type": "heun"}), ("sd15", {"prediction_type": "v_prediction"})],
 }
 
 
@@ -225,12 +245,24 @@ WINDOWS = [{"strength": 0.3}, {"strength": 1.0}, {"denoising_end": 0.8}, {"denoi
            {"denoising_start": 0.3, "denoising_end": 0.7}]
 
 
+EDM = ("edm_euler", "edm_dpmpp_2m", "edm_dpmpp_2m_sde")
+# EDM timesteps are 0.25 log sigma, not training timesteps: the SDXL denoising_start / denoising_end cut-offs
+# (fractions of num_train_timesteps) leave diffusers nothing or everything there, so EDM runs strength windows.
+TRUNCATED = [(a, w) for a in SWEEP for w in WINDOWS if a not in EDM or "strength" in w]
+
+
 @pytest.mark.parametrize("n", [7, 25])
-@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: ",".join(f"{k}={v}" for k, v in w.items()))
-@pytest.mark.parametrize("alias", list(SWEEP))
+@pytest.mark.parametrize(("alias", "window"), TRUNCATED,
+                         ids=[f"{a}-" + ",".join(f"{k}={v}" for k, v in w.items()) for a, w in TRUNCATED])
 def test_truncated_schedules_match_the_pipelines(alias, window, n, monkeypatch):
     """img2img strength, SDXL base / refiner windows and the inpainting re-noise, as in the pipelines."""
     check_parity(alias, "sdxl", {}, n, monkeypatch, renoise=True, **window)
+
+
+@pytest.mark.parametrize("alias", EDM)
+def test_edm_refuses_training_timestep_windows(alias):
+    with pytest.raises(SchedulerConfigError, match="no denoising step left"):
+        load_scheduler(BASES["sdxl"], alias).plan(25, denoising_end=0.8)
 
 
 @pytest.mark.parametrize(
@@ -247,6 +279,14 @@ def test_truncated_schedules_match_the_pipelines(alias, window, n, monkeypatch):
          "thresholding"),
         ("dpmpp_2s", {"algorithm_type": "dpmsolver"}, "final_sigmas_type"),
         ("dpmpp_2s", {"timestep_spacing": "trailing"}, "timestep_spacing"),
+        ("deis", {"algorithm_type": "unipc"}, "algorithm_type"),
+        ("deis", {"solver_type": "bh3"}, "solver_type"),
+        ("deis", {"use_flow_sigmas": True}, "use_flow_sigmas"),
+        ("edm_euler", {"prediction_type": "sample"}, "prediction_type"),
+        ("edm_euler", {"sigma_schedule": "linear"}, "sigma_schedule"),
+        ("edm_dpmpp_2m_sde", {"solver_order": 3}, "solver_order"),
+        ("edm_dpmpp_2m", {"final_sigmas_type": "sigma_max"}, "final_sigmas_type"),
+        ("edm_dpmpp_2m", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
     ],
 )
 def test_unsupported_config_values_raise_naming_the_key(name, overrides, key):

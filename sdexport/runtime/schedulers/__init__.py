@@ -12,7 +12,7 @@ sigmas exist):
 - ``ddpm``, ``ddim``, ``pndm``, ``euler``, ``euler_a``, ``heun``, ``lms``, ``lcm``, ``unipc``;
 - ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m``, ``dpm_2m``, ``dpm_2m_sde`` (DPM-Solver multistep);
 - ``dpm2``, ``dpm2_a`` (KDPM2); ``dpmpp_2s``, ``dpmpp_3s``, ``dpmpp_2s_sde`` (DPM-Solver singlestep);
-- ``deis``.
+- ``deis``; ``edm_euler``, ``edm_dpmpp_2m``, ``edm_dpmpp_2m_sde``, ``edm_dpmpp_3m`` (EDM models).
 
 An alias may imply config values (the SDE algorithm of ``dpmpp_2m_sde``), applied over the config;
 ``overrides`` come last. ``scheduler_names()`` lists the names; ``get_scheduler_class(name)`` returns the
@@ -74,6 +74,8 @@ from .ddpm import DDPMScheduler
 from .deis import DEISMultistepScheduler
 from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
+from .edm_dpm_solver import EDMDPMSolverMultistepScheduler
+from .edm_euler import EDMEulerScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
@@ -92,6 +94,8 @@ __all__ = [
     "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
     "DPMSolverSinglestepScheduler",
+    "EDMDPMSolverMultistepScheduler",
+    "EDMEulerScheduler",
     "Entry",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",

@@ -122,7 +122,7 @@ class DPMSolverSinglestepScheduler(DPMSolverMultistepScheduler):
         self, entry: Entry, state: History, model_output: Array, sample: Array, noise: Array | None
     ) -> tuple:
         c: _Coefs = entry.coefs
-        if self.config["variance_type"] in ("learned", "learned_range") and self.prediction_type == "epsilon":
+        if self.config.get("variance_type") in ("learned", "learned_range") and self.prediction_type == "epsilon":
             model_output = model_output[:, :3]
         data = self.algorithm.endswith("++")
         converted = self._convert(model_output, sample, c.level, data)

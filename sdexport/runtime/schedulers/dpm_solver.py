@@ -107,6 +107,8 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         "time_shift_type": "exponential",
     }
     karras_rounds_cosine = False
+    parametrisation: tuple = (log_snr, alpha_sigma, level)
+    """``(lambda(sigma), (alpha_t, sigma_t)(sigma), noise level(sigma))`` the coefficients are computed from."""
 
     def _setup(self) -> None:
         super()._setup()
@@ -176,6 +178,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         return out
 
     def _coefs(self, sig: np.ndarray, j: int, order: int) -> _Coefs:
+        log_snr, alpha_sigma, level = self.parametrisation
         lam = [log_snr(sig[j + 1])] + [log_snr(sig[j - k]) for k in range(order)]
         h = lam[0] - lam[1]
         midpoint = order == 2 and self.solver_type == "midpoint"
@@ -195,7 +198,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         self, entry: Entry, state: History, model_output: Array, sample: Array, noise: Array | None
     ) -> tuple:
         c: _Coefs = entry.coefs
-        if self.config["variance_type"] in ("learned", "learned_range") and self.prediction_type == "epsilon":
+        if self.config.get("variance_type") in ("learned", "learned_range") and self.prediction_type == "epsilon":
             model_output = model_output[:, :3]
         data = self.algorithm.endswith("++")
         converted = self._convert(model_output, sample, c.level, data)

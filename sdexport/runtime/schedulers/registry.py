@@ -13,6 +13,8 @@ from .ddpm import DDPMScheduler
 from .deis import DEISMultistepScheduler
 from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
+from .edm_dpm_solver import EDMDPMSolverMultistepScheduler
+from .edm_euler import EDMEulerScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
@@ -38,6 +40,8 @@ SCHEDULER_CLASSES: tuple[type[Scheduler], ...] = (
     KDPM2AncestralDiscreteScheduler,
     DPMSolverSinglestepScheduler,
     DEISMultistepScheduler,
+    EDMEulerScheduler,
+    EDMDPMSolverMultistepScheduler,
 )
 
 
@@ -76,6 +80,12 @@ def _aliases() -> dict[str, Alias]:
         "dpmpp_2s": Alias(DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
         "dpmpp_3s": Alias(DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
         "deis": Alias(DEISMultistepScheduler),
+        "edm_euler": Alias(EDMEulerScheduler),
+        "edm_dpmpp_2m": Alias(EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        "edm_dpmpp_2m_sde": Alias(
+            EDMDPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+        ),
+        "edm_dpmpp_3m": Alias(EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
         "dpmpp_2s_sde": Alias(
             DPMSolverSinglestepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
         ),
