@@ -28,6 +28,8 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("sd-edm-dpmpp-2m-v", "tiny-sd15", dict(prompt="a red circle", num_inference_steps=5,
                                             scheduler="EDMDPMSolverMultistepScheduler",
                                             scheduler_config={"prediction_type": "v_prediction"})),
+    ("sd-tcd-gamma", "tiny-sd15", dict(prompt="a red circle", num_inference_steps=4, eta=0.3,
+                                       scheduler="TCDScheduler")),
 ]
 
 

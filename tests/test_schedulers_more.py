@@ -6,6 +6,7 @@ timesteps and every per-step output within 1e-5 x max|diffusers| (plus 4 float32
 
 from __future__ import annotations
 
+from functools import partialmethod
 from typing import Any
 
 import numpy as np
@@ -100,6 +101,8 @@ def use_our_sigmas(alias: str, config: dict, overrides: dict, n: int, monkeypatc
 def check_parity(alias: str, base: str, overrides: dict, n: int, monkeypatch: Any, **req: Any) -> None:
     """Our run vs diffusers', as ``test_schedulers.test_matches_diffusers_step_by_step`` does."""
     config = BASES[base]
+    if alias == "tcd":  # drive it as the pipelines do: eta passed explicitly, 0 when not given
+        monkeypatch.setattr(diffusers.TCDScheduler, "step", partialmethod(diffusers.TCDScheduler.step, eta=0.0))
     if (alias, overrides) in OUR_TABLE:
         use_our_sigmas(alias, config, overrides, n, monkeypatch)
     try:
@@ -151,8 +154,9 @@ def _sweep(per: dict[str, list[tuple[str, dict]]], bases: tuple[str, ...] = tupl
     cases = []
     for alias, extra in per.items():
         for base, overrides in [(b, {}) for b in bases] + extra:
-            tag = ",".join(f"{k}={v}" for k, v in overrides.items())
-            cases.append(pytest.param(alias, base, overrides, id=f"{alias}-{base}-{tag}".rstrip("-")))
+            for eta in ETAS.get(alias, (0.0,)):
+                tag = ",".join(f"{k}={v}" for k, v in overrides.items()) + (f"-eta={eta}" if eta else "")
+                cases.append(pytest.param(alias, base, overrides, eta, id=f"{alias}-{base}-{tag}".rstrip("-")))
     return cases
 
 
@@ -232,13 +236,21 @@ SWEEP = {
         ("sd15", {"thresholding": True, "sample_max_value": 2.0}),
     ],
     "edm_dpmpp_2m_sde": [("sd15", {"solver_type": "heun"}), ("sd15", {"prediction_type": "v_prediction"})],
+    "tcd": [
+        ("sd15", {"prediction_type": "v_prediction"}),
+        ("sd15", {"prediction_type": "sample"}),
+        ("sd15", {"original_inference_steps": 100, "timestep_spacing": "trailing"}),
+        ("zsnr", {"set_alpha_to_one": False}),
+    ],
 }
+# TCD's gamma (diffusers' step(eta=...), default 0.3 there; the pipelines pass their eta, default 0)
+ETAS = {"tcd": (0.0, 0.3, 1.0)}
 
 
 @pytest.mark.parametrize("n", STEPS)
-@pytest.mark.parametrize(("alias", "base", "overrides"), _sweep(SWEEP))
-def test_matches_diffusers_step_by_step(alias, base, overrides, n, monkeypatch):
-    check_parity(alias, base, overrides, n, monkeypatch)
+@pytest.mark.parametrize(("alias", "base", "overrides", "eta"), _sweep(SWEEP))
+def test_matches_diffusers_step_by_step(alias, base, overrides, eta, n, monkeypatch):
+    check_parity(alias, base, overrides, n, monkeypatch, eta=eta)
 
 
 WINDOWS = [{"strength": 0.3}, {"strength": 1.0}, {"denoising_end": 0.8}, {"denoising_start": 0.65},
@@ -256,7 +268,7 @@ TRUNCATED = [(a, w) for a in SWEEP for w in WINDOWS if a not in EDM or "strength
                          ids=[f"{a}-" + ",".join(f"{k}={v}" for k, v in w.items()) for a, w in TRUNCATED])
 def test_truncated_schedules_match_the_pipelines(alias, window, n, monkeypatch):
     """img2img strength, SDXL base / refiner windows and the inpainting re-noise, as in the pipelines."""
-    check_parity(alias, "sdxl", {}, n, monkeypatch, renoise=True, **window)
+    check_parity(alias, "sdxl", {}, n, monkeypatch, renoise=True, eta=ETAS.get(alias, (0.0,))[-1], **window)
 
 
 @pytest.mark.parametrize("alias", EDM)
@@ -287,6 +299,7 @@ def test_edm_refuses_training_timestep_windows(alias):
         ("edm_dpmpp_2m_sde", {"solver_order": 3}, "solver_order"),
         ("edm_dpmpp_2m", {"final_sigmas_type": "sigma_max"}, "final_sigmas_type"),
         ("edm_dpmpp_2m", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
+        ("tcd", {"beta_schedule": "sigmoid"}, "beta_schedule"),
     ],
 )
 def test_unsupported_config_values_raise_naming_the_key(name, overrides, key):

@@ -23,6 +23,7 @@ from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
 SCHEDULER_CLASSES: tuple[type[Scheduler], ...] = (
@@ -42,6 +43,7 @@ SCHEDULER_CLASSES: tuple[type[Scheduler], ...] = (
     DEISMultistepScheduler,
     EDMEulerScheduler,
     EDMDPMSolverMultistepScheduler,
+    TCDScheduler,
 )
 
 
@@ -86,6 +88,7 @@ def _aliases() -> dict[str, Alias]:
             EDMDPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
         ),
         "edm_dpmpp_3m": Alias(EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+        "tcd": Alias(TCDScheduler),
         "dpmpp_2s_sde": Alias(
             DPMSolverSinglestepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
         ),
