@@ -54,6 +54,7 @@ SCHEDULERS = [
     "edm_euler",
     "edm_dpmpp_2m",
     "tcd",
+    "sa_solver",
 ]
 OVERRIDES = {"euler_beta": ("euler", {"use_beta_sigmas": True})}
 """Benchmark names that are a scheduler alias plus config overrides."""

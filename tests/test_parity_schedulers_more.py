@@ -30,6 +30,8 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
                                             scheduler_config={"prediction_type": "v_prediction"})),
     ("sd-tcd-gamma", "tiny-sd15", dict(prompt="a red circle", num_inference_steps=4, eta=0.3,
                                        scheduler="TCDScheduler")),
+    ("xl-sa-solver", "tiny-sdxl", dict(prompt="a red circle", num_inference_steps=5,
+                                       scheduler="SASolverScheduler")),
 ]
 
 

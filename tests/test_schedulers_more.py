@@ -6,6 +6,7 @@ timesteps and every per-step output within 1e-5 x max|diffusers| (plus 4 float32
 
 from __future__ import annotations
 
+import sys
 from functools import partialmethod
 from typing import Any
 
@@ -80,7 +81,17 @@ def own_sensitivity(alias: str, config: dict, overrides: dict, n: int, monkeypat
 # DEIS order 3's log-rho weights cancel ~1e4-fold in float32: torch's float32 sqrt on this CPU is 1 ulp off for
 # ~19% of the training sigmas, which moves diffusers' own weights by ~1e-4. There diffusers is run on our sigma
 # table, checked first to be within 1 ulp of its own, so its arithmetic is compared on equal inputs.
-OUR_TABLE = [("deis", {"solver_order": 3}), ("deis", {"solver_order": 3, "lower_order_final": False})]
+# SA-Solver's order-3/4 Lagrange weights cancel the same way, and enough for torch's float32 exp / log (not
+# correctly rounded on this CPU, 0-d tensors included) to move them by up to 0.4%: there diffusers' scheduler
+# module also gets correctly rounded exp / log / sqrt (float64, then rounded to float32, as ours), so equal
+# algorithms give equal results. The default orders (2, 2) are compared against diffusers as it is.
+EXACT_MATH = {"sa_solver"}
+OUR_TABLE = [
+    ("deis", {"solver_order": 3}),
+    ("deis", {"solver_order": 3, "lower_order_final": False}),
+    ("sa_solver", {"predictor_order": 3, "corrector_order": 4}),
+    ("sa_solver", {"predictor_order": 3, "corrector_order": 3, "lower_order_final": False}),
+]
 
 
 def use_our_sigmas(alias: str, config: dict, overrides: dict, n: int, monkeypatch: Any) -> None:
@@ -96,6 +107,25 @@ def use_our_sigmas(alias: str, config: dict, overrides: dict, n: int, monkeypatc
         self.sigmas = torch.from_numpy(ours.copy())
 
     monkeypatch.setattr(cls, "set_timesteps", patched)
+    if alias in EXACT_MATH:
+        monkeypatch.setattr(sys.modules[cls.__module__], "torch", _RoundedTorch())
+        monkeypatch.setattr(cls, "_sigma_to_alpha_sigma_t", _rounded_alpha_sigma)
+
+
+def _rounded_alpha_sigma(self: Any, sigma: Any) -> tuple:
+    """diffusers' ``_sigma_to_alpha_sigma_t`` with a correctly rounded square root."""
+    alpha_t = 1 / torch.sqrt((sigma**2 + 1).double()).float()
+    return alpha_t, sigma * alpha_t
+
+
+class _RoundedTorch:
+    """``torch`` with exp / log / sqrt of float32 tensors computed in float64 and rounded once."""
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(torch, name)
+        if name not in ("exp", "log", "sqrt"):
+            return fn
+        return lambda x, *a, **k: fn(x.double(), *a, **k).to(x.dtype) if x.dtype == torch.float32 else fn(x, *a, **k)
 
 
 def check_parity(alias: str, base: str, overrides: dict, n: int, monkeypatch: Any, **req: Any) -> None:
@@ -242,6 +272,19 @@ SWEEP = {
         ("sd15", {"original_inference_steps": 100, "timestep_spacing": "trailing"}),
         ("zsnr", {"set_alpha_to_one": False}),
     ],
+    "sa_solver": [
+        ("sdxl", {"use_karras_sigmas": True}),
+        ("sdxl", {"use_exponential_sigmas": True}),
+        ("sdxl", {"use_beta_sigmas": True}),
+        ("sd15", {"predictor_order": 3, "corrector_order": 4}),
+        ("sd15", {"predictor_order": 1, "corrector_order": 1}),
+        ("sd15", {"predictor_order": 3, "corrector_order": 3, "lower_order_final": False}),
+        ("sd15", {"algorithm_type": "noise_prediction"}),
+        ("sd15", {"algorithm_type": "noise_prediction", "predictor_order": 3, "corrector_order": 3}),
+        ("sd15", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+        ("sd15", {"thresholding": True, "sample_max_value": 2.0, "prediction_type": "sample"}),
+        ("sd15", {"lambda_min_clipped": -5.1}),
+    ],
 }
 # TCD's gamma (diffusers' step(eta=...), default 0.3 there; the pipelines pass their eta, default 0)
 ETAS = {"tcd": (0.0, 0.3, 1.0)}
@@ -300,6 +343,11 @@ def test_edm_refuses_training_timestep_windows(alias):
         ("edm_dpmpp_2m", {"final_sigmas_type": "sigma_max"}, "final_sigmas_type"),
         ("edm_dpmpp_2m", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
         ("tcd", {"beta_schedule": "sigmoid"}, "beta_schedule"),
+        ("sa_solver", {"tau_func": "lambda t: 1"}, "tau_func"),
+        ("sa_solver", {"predictor_order": 5}, "predictor_order"),
+        ("sa_solver", {"algorithm_type": "dpmsolver++"}, "algorithm_type"),
+        ("sa_solver", {"algorithm_type": "noise_prediction", "thresholding": True}, "thresholding"),
+        ("sa_solver", {"use_flow_sigmas": True}, "use_flow_sigmas"),
     ],
 )
 def test_unsupported_config_values_raise_naming_the_key(name, overrides, key):

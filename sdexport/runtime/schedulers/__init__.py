@@ -13,7 +13,7 @@ sigmas exist):
 - ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m``, ``dpm_2m``, ``dpm_2m_sde`` (DPM-Solver multistep);
 - ``dpm2``, ``dpm2_a`` (KDPM2); ``dpmpp_2s``, ``dpmpp_3s``, ``dpmpp_2s_sde`` (DPM-Solver singlestep);
 - ``deis``; ``edm_euler``, ``edm_dpmpp_2m``, ``edm_dpmpp_2m_sde``, ``edm_dpmpp_3m`` (EDM models);
-- ``tcd``.
+- ``tcd``, ``sa_solver``.
 
 An alias may imply config values (the SDE algorithm of ``dpmpp_2m_sde``), applied over the config;
 ``overrides`` come last. ``scheduler_names()`` lists the names; ``get_scheduler_class(name)`` returns the
@@ -86,6 +86,7 @@ from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
 from .registry import SCHEDULER_CLASSES, get_scheduler_class, load_scheduler, scheduler_names
+from .sa_solver import SASolverScheduler
 from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
@@ -108,6 +109,7 @@ __all__ = [
     "LMSDiscreteScheduler",
     "PNDMScheduler",
     "Plan",
+    "SASolverScheduler",
     "Scheduler",
     "SchedulerConfigError",
     "StepOutput",

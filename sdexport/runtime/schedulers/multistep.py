@@ -91,7 +91,7 @@ class MultistepScheduler(Scheduler):
         final = self.config.get("final_sigmas_type", "sigma_min")  # DEIS has no key: its last sigma is sigma_min
         check_choice(name, "final_sigmas_type", final, ("zero", "sigma_min"))
         self.prediction_type: str = self.config["prediction_type"]
-        self.solver_order = int(self.config["solver_order"])
+        self.solver_order = int(self.config.get("solver_order", 1))  # SA-Solver: orders checked there
         if self.solver_order not in (1, 2, 3):
             raise SchedulerConfigError(
                 f"{name}: solver_order={self.solver_order} is not supported; allowed: 1, 2, 3"

@@ -23,6 +23,7 @@ from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
+from .sa_solver import SASolverScheduler
 from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
@@ -44,6 +45,7 @@ SCHEDULER_CLASSES: tuple[type[Scheduler], ...] = (
     EDMEulerScheduler,
     EDMDPMSolverMultistepScheduler,
     TCDScheduler,
+    SASolverScheduler,
 )
 
 
@@ -89,6 +91,7 @@ def _aliases() -> dict[str, Alias]:
         ),
         "edm_dpmpp_3m": Alias(EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
         "tcd": Alias(TCDScheduler),
+        "sa_solver": Alias(SASolverScheduler),
         "dpmpp_2s_sde": Alias(
             DPMSolverSinglestepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
         ),
