@@ -9,8 +9,8 @@ import numpy as np
 from .base import Entry, Schedule
 from .betas import BETA_DEFAULTS
 from .config import SchedulerConfigError
-from .dpm_solver import DPMSolverMultistepScheduler, _weights
-from .multistep import History, alpha_sigma, level, linear_combination, log_snr, require_finite
+from .dpm_solver import DPMSolverMultistepScheduler, _weights, combine
+from .multistep import History, alpha_sigma, level, log_snr, require_finite
 from .ops import Array
 from .prediction import AlphaParam
 
@@ -122,11 +122,7 @@ class DPMSolverSinglestepScheduler(DPMSolverMultistepScheduler):
         self, entry: Entry, state: History, model_output: Array, sample: Array, noise: Array | None
     ) -> tuple:
         c: _Coefs = entry.coefs
-        if self.config.get("variance_type") in ("learned", "learned_range") and self.prediction_type == "epsilon":
-            model_output = model_output[:, :3]
-        data = self.algorithm.endswith("++")
-        converted = self._convert(model_output, sample, c.level, data)
-        m = self._remember(state, converted)
+        converted, m = self._history(state, model_output, sample, c.level)
         if c.order == 1:
             state.last_sample = sample
         ds = [m[-c.order]]
@@ -139,7 +135,5 @@ class DPMSolverSinglestepScheduler(DPMSolverMultistepScheduler):
                 ds.append(d1_1)
             else:
                 ds += [(r0 * d1_0 - r1 * d1_1) / diff, 2.0 * (d1_1 - d1_0) / diff]
-        terms = list(zip(c.weights, [state.last_sample, *ds], strict=False))
-        if noise is not None:
-            terms.append((c.weights[-1], noise))
-        return linear_combination(terms), (converted if data else None)
+        x0 = converted if self.algorithm.endswith("++") else None
+        return combine(c.weights, state.last_sample, ds, noise), x0
