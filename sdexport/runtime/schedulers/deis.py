@@ -10,7 +10,16 @@ from . import f32
 from .base import Entry, Schedule
 from .betas import BETA_DEFAULTS
 from .config import check_choice
-from .multistep import History, MultistepScheduler, alpha_sigma, level, log_snr, require_finite
+from .multistep import (
+    SIGMA_FLAG_DEFAULTS,
+    THRESHOLD_DEFAULTS,
+    History,
+    MultistepScheduler,
+    alpha_sigma,
+    level,
+    log_snr,
+    require_finite,
+)
 from .ops import Array
 from .prediction import AlphaParam
 
@@ -56,17 +65,11 @@ class DEISMultistepScheduler(MultistepScheduler):
         **BETA_DEFAULTS,
         "solver_order": 2,
         "prediction_type": "epsilon",
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
+        **THRESHOLD_DEFAULTS,
         "algorithm_type": "deis",
         "solver_type": "logrho",
         "lower_order_final": True,
-        "use_karras_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-        "use_flow_sigmas": False,
-        "flow_shift": 1.0,
+        **SIGMA_FLAG_DEFAULTS,
         "timestep_spacing": "linspace",
         "steps_offset": 0,
         "use_dynamic_shifting": False,

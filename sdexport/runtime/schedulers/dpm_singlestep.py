@@ -10,7 +10,7 @@ from .base import Entry, Schedule
 from .betas import BETA_DEFAULTS
 from .config import SchedulerConfigError
 from .dpm_solver import DPMSolverMultistepScheduler, _weights, combine
-from .multistep import History, alpha_sigma, level, log_snr, require_finite
+from .multistep import SIGMA_FLAG_DEFAULTS, THRESHOLD_DEFAULTS, History, alpha_sigma, level, log_snr, require_finite
 from .ops import Array
 from .prediction import AlphaParam
 
@@ -53,17 +53,11 @@ class DPMSolverSinglestepScheduler(DPMSolverMultistepScheduler):
         **BETA_DEFAULTS,
         "solver_order": 2,
         "prediction_type": "epsilon",
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
+        **THRESHOLD_DEFAULTS,
         "algorithm_type": "dpmsolver++",
         "solver_type": "midpoint",
         "lower_order_final": False,
-        "use_karras_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-        "use_flow_sigmas": False,
-        "flow_shift": 1.0,
+        **SIGMA_FLAG_DEFAULTS,
         "final_sigmas_type": "zero",
         "lambda_min_clipped": -float("inf"),
         "variance_type": None,

@@ -9,6 +9,7 @@ from .base import Schedule
 from .config import SchedulerConfigError, check_choice
 from .dpm_solver import DPMSolverMultistepScheduler
 from .edm_euler import EDM_DEFAULTS, EDMParam, EDMScheduler
+from .multistep import THRESHOLD_DEFAULTS
 from .prediction import X0Processor
 
 
@@ -28,9 +29,7 @@ class EDMDPMSolverMultistepScheduler(EDMScheduler, DPMSolverMultistepScheduler):
     defaults = {
         **EDM_DEFAULTS,
         "solver_order": 2,
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
+        **THRESHOLD_DEFAULTS,
         "algorithm_type": "dpmsolver++",
         "solver_type": "midpoint",
         "lower_order_final": True,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,6 +23,21 @@ from .sigmas import (
     spaced_sigmas,
 )
 from .timesteps import spaced_timesteps
+
+THRESHOLD_DEFAULTS: Mapping[str, Any] = {
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+}
+"""The x0 dynamic-thresholding keys of the diffusers solvers, with their defaults."""
+SIGMA_FLAG_DEFAULTS: Mapping[str, Any] = {
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_flow_sigmas": False,
+    "flow_shift": 1.0,
+}
+"""The sigma-spacing keys of the diffusers solvers, with their defaults."""
 
 
 def alpha_sigma(sigma: float) -> tuple[np.float32, np.float32]:

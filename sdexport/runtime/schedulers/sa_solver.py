@@ -12,7 +12,15 @@ from .base import Entry, Schedule
 from .betas import BETA_DEFAULTS
 from .config import SchedulerConfigError, check_choice
 from .dpm_solver import DPMSolverMultistepScheduler
-from .multistep import MultistepScheduler, alpha_sigma, level, log_snr, require_finite
+from .multistep import (
+    SIGMA_FLAG_DEFAULTS,
+    THRESHOLD_DEFAULTS,
+    MultistepScheduler,
+    alpha_sigma,
+    level,
+    log_snr,
+    require_finite,
+)
 from .ops import Array
 from .prediction import AlphaParam
 
@@ -102,16 +110,10 @@ class SASolverScheduler(MultistepScheduler):
         "corrector_order": 2,
         "prediction_type": "epsilon",
         "tau_func": None,
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
+        **THRESHOLD_DEFAULTS,
         "algorithm_type": "data_prediction",
         "lower_order_final": True,
-        "use_karras_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-        "use_flow_sigmas": False,
-        "flow_shift": 1.0,
+        **SIGMA_FLAG_DEFAULTS,
         "lambda_min_clipped": -float("inf"),
         "variance_type": None,
         "timestep_spacing": "linspace",
