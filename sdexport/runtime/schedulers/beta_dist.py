@@ -15,6 +15,7 @@ def _continued_fraction(a: float, b: float, x: np.ndarray) -> np.ndarray:
     qab, qap, qam = a + b, a + 1.0, a - 1.0
 
     def guard(v: np.ndarray) -> np.ndarray:
+        """Keep Lentz's denominators away from zero."""
         return np.where(np.abs(v) < _TINY, _TINY, v)
 
     c = np.ones_like(x)

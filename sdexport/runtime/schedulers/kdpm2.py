@@ -56,6 +56,8 @@ class TwoStageSchedule(Schedule):
 
 
 class TwoStageCoefs(NamedTuple):
+    """One KDPM2 evaluation: predictor or corrector, the x0 level, the step and (ancestral) the noise scale."""
+
     first_order: bool
     level: SigmaParam
     """The sigma the model output is interpreted at (current, or the midpoint for the correction)."""
