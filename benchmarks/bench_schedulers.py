@@ -45,7 +45,21 @@ SCHEDULERS = [
     "unipc",
     "lms",
     "lcm",
+    "euler_beta",
+    "dpm2",
+    "dpm2_a",
+    "dpmpp_2s",
+    "dpmpp_3s",
+    "deis",
+    "edm_euler",
+    "edm_dpmpp_2m",
+    "tcd",
+    "sa_solver",
 ]
+OVERRIDES = {"euler_beta": ("euler", {"use_beta_sigmas": True})}
+"""Benchmark names that are a scheduler alias plus config overrides."""
+STEP_KWARGS = {"tcd": {"eta": 0.3}}
+"""Per-request arguments (``plan(**kw)`` here, ``step(**kw)`` in diffusers), e.g. TCD's gamma."""
 RESULTS = Path(__file__).parent / "results" / "schedulers.jsonl"
 
 
@@ -60,9 +74,11 @@ def _best_time(fn: Any, repeats: int) -> float:
 
 def bench_ours(name: str, steps: int, model_output: np.ndarray, noise: np.ndarray, repeats: int) -> dict:
     """Best per-step time and plan time of sdexport's scheduler ``name``."""
-    sched = load_scheduler(SDXL, name)
-    setup = _best_time(lambda: sched.plan(steps), repeats)
-    plan = sched.plan(steps)
+    alias, overrides = OVERRIDES.get(name, (name, {}))
+    sched = load_scheduler(SDXL, alias, overrides)
+    kwargs = STEP_KWARGS.get(name, {})
+    setup = _best_time(lambda: sched.plan(steps, **kwargs), repeats)
+    plan = sched.plan(steps, **kwargs)
 
     def loop() -> None:
         x, run = model_output * np.float32(plan.init_noise_sigma), plan.start()
@@ -76,9 +92,11 @@ def bench_ours(name: str, steps: int, model_output: np.ndarray, noise: np.ndarra
 
 def bench_diffusers(name: str, steps: int, model_output: np.ndarray, noise: np.ndarray, repeats: int) -> dict:
     """Best per-step time and set_timesteps time of diffusers' scheduler ``name`` on torch."""
+    name, overrides = OVERRIDES.get(name, (name, {}))
     alias = resolve_name(name)
     cls = getattr(diffusers, alias.cls.class_name)
-    sched = cls.from_config(SDXL, **alias.preset)
+    sched = cls.from_config(SDXL, **{**alias.preset, **overrides})
+    kwargs = STEP_KWARGS.get(name, {})
     module = sys.modules[cls.__module__]
     noise_t = torch.from_numpy(noise)
     if hasattr(module, "randn_tensor"):
@@ -91,7 +109,7 @@ def bench_diffusers(name: str, steps: int, model_output: np.ndarray, noise: np.n
         x = out_t * sched.init_noise_sigma
         for t in sched.timesteps:
             sched.scale_model_input(x, t)
-            x = sched.step(out_t, t, x).prev_sample
+            x = sched.step(out_t, t, x, **kwargs).prev_sample
 
     loop()
     return {"evals": None, "loop_s": _best_time(loop, repeats) - setup, "setup_s": setup}

@@ -94,8 +94,8 @@ def test_registry_names():
         assert get_scheduler_class(cls.class_name.upper()) is cls
     assert get_scheduler_class("euler_a").class_name == "EulerAncestralDiscreteScheduler"
     assert get_scheduler_class("dpmpp_2m_sde").class_name == "DPMSolverMultistepScheduler"
-    with pytest.raises(ValueError, match="unknown scheduler 'KDPM2DiscreteScheduler'.*euler_a"):
-        get_scheduler_class("KDPM2DiscreteScheduler")
+    with pytest.raises(ValueError, match="unknown scheduler 'NoSuchScheduler'.*euler_a"):
+        get_scheduler_class("NoSuchScheduler")
     with pytest.raises(ValueError, match="no _class_name"):
         load_scheduler({"beta_schedule": "linear"})
 
@@ -107,7 +107,7 @@ def test_registry_names():
         ("ddpm", {"beta_schedule": "cosine"}, "beta_schedule"),
         ("ddim", {"timestep_spacing": "uniform"}, "timestep_spacing"),
         ("pndm", {"prediction_type": "sample"}, "prediction_type"),
-        ("euler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ("euler", {"use_beta_sigmas": True, "use_karras_sigmas": True}, "use_beta_sigmas"),
         ("euler", {"interpolation_type": "cubic"}, "interpolation_type"),
         ("euler", {"final_sigmas_type": "sigma_max"}, "final_sigmas_type"),
         ("euler_a", {"prediction_type": "sample"}, "prediction_type"),

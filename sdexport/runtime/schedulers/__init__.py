@@ -6,11 +6,18 @@ Building a scheduler
 ``diffusers.<Class>.from_config(config, **overrides)`` does: keys the class does not have are ignored, as in
 diffusers; a value that would change the result but is not implemented raises ``SchedulerConfigError`` (a
 ``ValueError`` naming the key and the allowed values). ``name`` (default: the config's ``_class_name``) is
-a diffusers class name (``"EulerDiscreteScheduler"``) or an alias: ``ddpm``, ``ddim``, ``pndm``, ``euler``,
-``euler_a``, ``heun``, ``lms``, ``lcm``, ``unipc``, ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m``, ``dpm_2m``,
-``dpm_2m_sde``, and ``<alias>_karras`` where Karras sigmas exist. An alias may imply config values (the SDE
-algorithm of ``dpmpp_2m_sde``), applied over the config; ``overrides`` come last. ``scheduler_names()`` lists
-the names; ``get_scheduler_class(name)`` returns the class (``Class.from_config(config, **overrides)`` too).
+a diffusers class name (``"EulerDiscreteScheduler"``) or an alias (and ``<alias>_karras`` where Karras
+sigmas exist):
+
+- ``ddpm``, ``ddim``, ``pndm``, ``euler``, ``euler_a``, ``heun``, ``lms``, ``lcm``, ``unipc``;
+- ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m``, ``dpm_2m``, ``dpm_2m_sde`` (DPM-Solver multistep);
+- ``dpm2``, ``dpm2_a`` (KDPM2); ``dpmpp_2s``, ``dpmpp_3s``, ``dpmpp_2s_sde`` (DPM-Solver singlestep);
+- ``deis``; ``edm_euler``, ``edm_dpmpp_2m``, ``edm_dpmpp_2m_sde``, ``edm_dpmpp_3m`` (EDM models);
+- ``tcd``, ``sa_solver``.
+
+An alias may imply config values (the SDE algorithm of ``dpmpp_2m_sde``), applied over the config;
+``overrides`` come last. ``scheduler_names()`` lists the names; ``get_scheduler_class(name)`` returns the
+class (``Class.from_config(config, **overrides)`` too).
 
 A ``Scheduler`` is immutable (read-only tables): one per loaded pipeline, shared by all its requests.
 
@@ -19,7 +26,7 @@ Per request: ``Plan`` and ``Stepper``
 ``scheduler.plan(num_inference_steps, *, strength=None, denoising_start=None, denoising_end=None, eta=0.0)``
 returns an immutable ``Plan`` (safe to share and cache); ``i`` below is a position in ``plan.timesteps``:
 
-- ``plan.timesteps``: one timestep per model evaluation, in diffusers' dtype. Heun lists 2N - 1 evaluations.
+- ``plan.timesteps``: one timestep per model evaluation, in diffusers' dtype. Heun and KDPM2 list 2N - 1.
 - ``plan.num_inference_steps`` (as diffusers reports it), ``plan.init_noise_sigma``, ``plan.begin_index``,
   ``plan.order`` (2 for Heun).
 - ``plan.needs_noise[i]``: step ``i`` consumes one standard-normal array shaped like the sample, exactly where
@@ -65,33 +72,49 @@ from .base import Entry, Plan, Scheduler, StepOutput, Stepper
 from .config import SchedulerConfigError
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .deis import DEISMultistepScheduler
+from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
+from .edm_dpm_solver import EDMDPMSolverMultistepScheduler
+from .edm_euler import EDMEulerScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
+from .kdpm2 import KDPM2DiscreteScheduler
+from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
 from .registry import SCHEDULER_CLASSES, get_scheduler_class, load_scheduler, scheduler_names
+from .sa_solver import SASolverScheduler
+from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
     "SCHEDULER_CLASSES",
     "DDIMScheduler",
     "DDPMScheduler",
+    "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EDMDPMSolverMultistepScheduler",
+    "EDMEulerScheduler",
     "Entry",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
     "LCMScheduler",
     "LMSDiscreteScheduler",
     "PNDMScheduler",
     "Plan",
+    "SASolverScheduler",
     "Scheduler",
     "SchedulerConfigError",
     "StepOutput",
     "Stepper",
+    "TCDScheduler",
     "UniPCMultistepScheduler",
     "get_scheduler_class",
     "load_scheduler",

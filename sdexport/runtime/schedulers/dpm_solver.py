@@ -107,6 +107,8 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         "time_shift_type": "exponential",
     }
     karras_rounds_cosine = False
+    parametrisation: tuple = (log_snr, alpha_sigma, level)
+    """``(lambda(sigma), (alpha_t, sigma_t)(sigma), noise level(sigma))`` the coefficients are computed from."""
 
     def _setup(self) -> None:
         super()._setup()
@@ -140,7 +142,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         return self.num_train_timesteps - clipped
 
     def _special_sigmas(self, n: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
-        if self.sigma_flag is None and self.config["use_lu_lambdas"]:
+        if self.sigma_flag is None and self.config.get("use_lu_lambdas"):
             lambdas = np.flip(self.log_sigmas.copy())
             lo, hi = lambdas[-1].item(), lambdas[0].item()
             sigmas = np.exp(hi + np.linspace(0, 1, n) * (lo - hi))
@@ -176,6 +178,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         return out
 
     def _coefs(self, sig: np.ndarray, j: int, order: int) -> _Coefs:
+        log_snr, alpha_sigma, level = self.parametrisation
         lam = [log_snr(sig[j + 1])] + [log_snr(sig[j - k]) for k in range(order)]
         h = lam[0] - lam[1]
         midpoint = order == 2 and self.solver_type == "midpoint"
@@ -195,18 +198,26 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         self, entry: Entry, state: History, model_output: Array, sample: Array, noise: Array | None
     ) -> tuple:
         c: _Coefs = entry.coefs
-        if self.config["variance_type"] in ("learned", "learned_range") and self.prediction_type == "epsilon":
-            model_output = model_output[:, :3]
-        data = self.algorithm.endswith("++")
-        converted = self._convert(model_output, sample, c.level, data)
-        m = self._remember(state, converted)
+        converted, m = self._history(state, model_output, sample, c.level)
         ds = [m[-1]]
         if c.order == 2:
             ds.append(c.ratios[0] * (m[-1] - m[-2]))
         elif c.order == 3:
             d1_0, d1_1 = c.ratios[0] * (m[-1] - m[-2]), c.ratios[1] * (m[-2] - m[-3])
             ds += [d1_0 + c.ratios[2] * (d1_0 - d1_1), c.ratios[3] * (d1_0 - d1_1)]
-        terms = list(zip(c.weights, [sample, *ds], strict=False))
-        if noise is not None:
-            terms.append((c.weights[-1], noise))
-        return linear_combination(terms), (converted if data else None)
+        return combine(c.weights, sample, ds, noise), (converted if self.algorithm.endswith("++") else None)
+
+    def _history(self, state: History, model_output: Array, sample: Array, at: AlphaParam) -> tuple[Array, list]:
+        """The model output converted to x0 (DPM-Solver++) or epsilon, and the history it was appended to."""
+        if self.config.get("variance_type") in ("learned", "learned_range") and self.prediction_type == "epsilon":
+            model_output = model_output[:, :3]
+        converted = self._convert(model_output, sample, at, self.algorithm.endswith("++"))
+        return converted, self._remember(state, converted)
+
+
+def combine(weights: tuple[float, ...], sample: Array, ds: list, noise: Array | None) -> Array:
+    """``w_x * sample + w_0 * D0 + ... (+ w_noise * noise)``, left to right as diffusers evaluates it."""
+    terms = list(zip(weights, [sample, *ds], strict=False))
+    if noise is not None:
+        terms.append((weights[-1], noise))
+    return linear_combination(terms)

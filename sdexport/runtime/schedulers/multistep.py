@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,13 +17,27 @@ from .ops import Array
 from .prediction import AlphaParam, X0Processor
 from .sigmas import (
     check_sigma_flags,
-    exponential_sigmas,
     interp_sigmas,
-    karras_sigmas,
     sigma_bounds,
     sigma_to_t,
+    spaced_sigmas,
 )
 from .timesteps import spaced_timesteps
+
+THRESHOLD_DEFAULTS: Mapping[str, Any] = {
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+}
+"""The x0 dynamic-thresholding keys of the diffusers solvers, with their defaults."""
+SIGMA_FLAG_DEFAULTS: Mapping[str, Any] = {
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_flow_sigmas": False,
+    "flow_shift": 1.0,
+}
+"""The sigma-spacing keys of the diffusers solvers, with their defaults."""
 
 
 def alpha_sigma(sigma: float) -> tuple[np.float32, np.float32]:
@@ -90,9 +104,10 @@ class MultistepScheduler(Scheduler):
                     f"{name}: config key {key!r}={self.config[key]!r} is not supported (flow-matching "
                     f"options and solver_p are not implemented); remove it or set it to its default"
                 )
-        check_choice(name, "final_sigmas_type", self.config["final_sigmas_type"], ("zero", "sigma_min"))
+        final = self.config.get("final_sigmas_type", "sigma_min")  # DEIS has no key: its last sigma is sigma_min
+        check_choice(name, "final_sigmas_type", final, ("zero", "sigma_min"))
         self.prediction_type: str = self.config["prediction_type"]
-        self.solver_order = int(self.config["solver_order"])
+        self.solver_order = int(self.config.get("solver_order", 1))  # SA-Solver: orders checked there
         if self.solver_order not in (1, 2, 3):
             raise SchedulerConfigError(
                 f"{name}: solver_order={self.solver_order} is not supported; allowed: 1, 2, 3"
@@ -108,13 +123,13 @@ class MultistepScheduler(Scheduler):
         return self.num_train_timesteps
 
     def _special_sigmas(self, n: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
-        """``(sigmas, timesteps, round_timesteps)`` for Karras / exponential sigmas, else ``None``."""
+        """``(sigmas, timesteps, round_timesteps)`` for Karras / exponential / beta sigmas, else ``None``."""
         if self.sigma_flag is None:
             return None
         descending = np.flip(self.train_sigmas).copy()
         lo, hi = sigma_bounds(self, descending)
         karras = self.sigma_flag == "use_karras_sigmas"
-        sigmas = karras_sigmas(lo, hi, n) if karras else exponential_sigmas(lo, hi, n)
+        sigmas = spaced_sigmas(self.sigma_flag, lo, hi, n)
         rounded = karras and (
             self.karras_rounds_cosine or self.config["beta_schedule"] != "squaredcos_cap_v2"
         )
@@ -124,10 +139,10 @@ class MultistepScheduler(Scheduler):
         n = num_inference_steps
         timesteps = spaced_timesteps(
             self.class_name,
-            self.config["timestep_spacing"],
+            self.config.get("timestep_spacing", "linspace"),
             self.num_train_timesteps,
             n,
-            int(self.config["steps_offset"]),
+            int(self.config.get("steps_offset", 0)),
             "skip_last",
             self._last_timestep(),
         )
@@ -137,7 +152,7 @@ class MultistepScheduler(Scheduler):
         else:
             sigmas, timesteps, rounded = special
             timesteps = timesteps.round() if rounded else timesteps
-        if self.config["final_sigmas_type"] == "zero":
+        if self.config.get("final_sigmas_type", "sigma_min") == "zero":
             last = 0.0
         elif special is not None and self.final_sigma_from_schedule:
             last = sigmas[-1]

@@ -10,13 +10,21 @@ from .base import Scheduler
 from .config import SchedulerConfigError
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .deis import DEISMultistepScheduler
+from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
+from .edm_dpm_solver import EDMDPMSolverMultistepScheduler
+from .edm_euler import EDMEulerScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
+from .kdpm2 import KDPM2DiscreteScheduler
+from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
+from .sa_solver import SASolverScheduler
+from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
 SCHEDULER_CLASSES: tuple[type[Scheduler], ...] = (
@@ -30,6 +38,14 @@ SCHEDULER_CLASSES: tuple[type[Scheduler], ...] = (
     UniPCMultistepScheduler,
     LMSDiscreteScheduler,
     LCMScheduler,
+    KDPM2DiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    DPMSolverSinglestepScheduler,
+    DEISMultistepScheduler,
+    EDMEulerScheduler,
+    EDMDPMSolverMultistepScheduler,
+    TCDScheduler,
+    SASolverScheduler,
 )
 
 
@@ -63,6 +79,22 @@ def _aliases() -> dict[str, Alias]:
         "unipc": Alias(UniPCMultistepScheduler),
         "lms": Alias(LMSDiscreteScheduler),
         "lcm": Alias(LCMScheduler),
+        "dpm2": Alias(KDPM2DiscreteScheduler),
+        "dpm2_a": Alias(KDPM2AncestralDiscreteScheduler),
+        "dpmpp_2s": Alias(DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        "dpmpp_3s": Alias(DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+        "deis": Alias(DEISMultistepScheduler),
+        "edm_euler": Alias(EDMEulerScheduler),
+        "edm_dpmpp_2m": Alias(EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        "edm_dpmpp_2m_sde": Alias(
+            EDMDPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+        ),
+        "edm_dpmpp_3m": Alias(EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+        "tcd": Alias(TCDScheduler),
+        "sa_solver": Alias(SASolverScheduler),
+        "dpmpp_2s_sde": Alias(
+            DPMSolverSinglestepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+        ),
     }
     karras = {
         f"{name}_karras": Alias(alias.cls, {**alias.preset, "use_karras_sigmas": True})
