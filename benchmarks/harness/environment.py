@@ -11,8 +11,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-LIBRARIES = ("sdexport", "numpy", "onnxruntime", "onnxruntime-gpu", "torch", "diffusers", "transformers",
-             "optimum", "optimum-onnx", "tensorrt", "Pillow", "tokenizers")
+from sdexport.engines.doctor import packages
+
+# sdexport, every registered backend's packages (the registry, as `sdexport doctor` reports them), and the peers.
+LIBRARIES = tuple(dict.fromkeys(("sdexport", *packages(), "torch", "diffusers", "transformers", "optimum",
+                                 "optimum-onnx", "optimum-intel", "Pillow", "tokenizers")))
 BLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
