@@ -115,6 +115,38 @@ class StepClock:
             self.timings.steps.append(elapsed(start, end))
 
 
+@dataclass
+class _Uploaded:
+    """Everything the loop reads, put into the loop's arrays once, before the first step."""
+
+    feeds: dict[str, Any]
+    latents: Any
+    timesteps: Any
+    noises: Any
+    extra: Any
+    blend: tuple[Any, Any, Any] | None
+    copies: int
+
+
+def _upload(plan: Plan, start: Start, cond: Conditioning, streams: NoiseStreams, arrays: Arrays) -> _Uploaded:
+    """Conditioning, start latents, every step's timesteps and scheduler noise (drawn in diffusers' order), and the
+    inpainting inputs, as ``arrays``."""
+    put = arrays.put
+    copies = 2 if cond.cfg else 1
+    rows = start.latents.shape[0] * copies
+    timesteps = put(np.repeat(np.asarray(plan.timesteps, dtype=np.float32)[:, None], rows, axis=1))
+    drawn = [streams.draw(start.latents.shape[1:]) for needed in plan.needs_noise if needed]
+    extra = None
+    if start.masked_latents is not None:
+        extra = np.concatenate([start.mask, start.masked_latents], axis=1)
+        extra = put(np.concatenate([extra] * copies) if copies > 1 else extra)
+    blend = None
+    if start.image_latents is not None:
+        blend = (put(start.image_latents), put(start.mask), put(start.noise))
+    return _Uploaded({name: put(value) for name, value in cond.feeds().items()}, put(start.latents), timesteps,
+                     put(np.stack(drawn)) if drawn else None, extra, blend, copies)
+
+
 def denoise(
     plan: Plan,
     start: Start,
@@ -134,23 +166,10 @@ def denoise(
     (conditioning, start latents, every step's timesteps and scheduler noise, drawn in diffusers' order) are put
     into ``arrays`` once, before the first step.
     """
-    xp, put = arrays.xp, arrays.put
+    xp = arrays.xp
     stepper = plan.start()
-    copies = 2 if cond.cfg else 1
-    feeds = {name: put(value) for name, value in cond.feeds().items()}
-    latents = put(start.latents)
-    rows = latents.shape[0] * copies
-    timesteps = put(np.repeat(np.asarray(plan.timesteps, dtype=np.float32)[:, None], rows, axis=1))
-    noise_shape = start.latents.shape[1:]
-    drawn = [streams.draw(noise_shape) for needed in plan.needs_noise if needed]
-    noises = put(np.stack(drawn)) if drawn else None
-    extra = None
-    if start.masked_latents is not None:
-        extra = np.concatenate([start.mask, start.masked_latents], axis=1)
-        extra = put(np.concatenate([extra] * copies) if copies > 1 else extra)
-    blend = start.image_latents is not None
-    if blend:
-        image_latents, mask, first_noise = put(start.image_latents), put(start.mask), put(start.noise)
+    up = _upload(plan, start, cond, streams, arrays)
+    latents = up.latents
     checks = FiniteChecks(arrays)
     clock = StepClock(arrays, timings)
     drawn_index = 0
@@ -158,22 +177,24 @@ def denoise(
     for i in range(len(plan)):
         clock.mark()
         model_in = plan.scale_model_input(latents, i)
-        if copies > 1:
+        if up.copies > 1:
             model_in = xp.concat([model_in, model_in])
-        if extra is not None:
-            model_in = xp.concat([model_in, extra], axis=1)
+        if up.extra is not None:
+            model_in = xp.concat([model_in, up.extra], axis=1)
         clock.mark()
-        out = unet({"sample": xp.astype(model_in, xp.float32, copy=False), "timestep": timesteps[i, ...], **feeds})
+        out = unet({"sample": xp.astype(model_in, xp.float32, copy=False), "timestep": up.timesteps[i, ...],
+                    **up.feeds})
         clock.mark()
         prediction = out["out_sample"]
         checks.add(i, prediction)
         guided = guidance.combine(prediction, cond.cfg)
         noise = None
         if plan.needs_noise[i]:
-            noise = noises[drawn_index, ...]
+            noise = up.noises[drawn_index, ...]
             drawn_index += 1
         latents = stepper.step(guided, i, latents, noise=noise).prev_sample
-        if blend:
+        if up.blend is not None:
+            image_latents, mask, first_noise = up.blend
             proper = image_latents if i == last else plan.add_noise(image_latents, first_noise, i + 1)
             latents = (1 - mask) * proper + mask * latents
         latents = xp.astype(latents, xp.float32, copy=False)
