@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
+from fakes.parity import IMAGE_ATOL, LATENT_ATOL
 from sdexport.engines import backend_names, get_backend
 
-LATENT_ATOL = 1e-4  # as tests/test_parity_txt2img.py: final latents within 1e-4 absolute
-IMAGE_ATOL = 1 / 255  # decoded images (floats in [0, 1]) within one 8-bit level
 # Backends that run the fp32 graphs with other kernels: TensorRT uses TF32 for fp32 layers by default.
 TOLERANCES = {"tensorrt": (1e-2, 2 / 255)}
 BUILD_OPTIONS: dict[str, dict[str, Any]] = {"tensorrt": {"shapes": "both"}}  # any size of the folder's range

@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fakes.parity import IMAGE_ATOL, LATENT_ATOL
 from sdexport.export.parity import diffusers_pipeline, torch_generators
-
-LATENT_ATOL = 1e-4  # issue 4: final latents within 1e-4 absolute
-IMAGE_ATOL = 1 / 255  # issue 4: decoded images (floats in [0, 1]) within one 8-bit level
 
 
 @pytest.mark.parametrize("scheduler", [None, "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler"])

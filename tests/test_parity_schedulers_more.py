@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_parity_txt2img import IMAGE_ATOL, LATENT_ATOL
+
+from fakes.parity import IMAGE_ATOL, LATENT_ATOL
 
 CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("sd-euler-beta", "tiny-sd15", dict(prompt="a red circle", num_inference_steps=5,

@@ -7,8 +7,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-LATENT_ATOL = 1e-4  # issue 4: final latents within 1e-4 absolute
-IMAGE_ATOL = 1 / 255  # issue 4: decoded images (floats in [0, 1]) within one 8-bit level
+from fakes.parity import IMAGE_ATOL, LATENT_ATOL
 
 TXT2IMG: list[tuple[str, dict[str, Any]]] = [
     # tiny-sd2 ships SD 2.1's scheduler: DDIM with prediction_type v_prediction.

@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-LATENT_ATOL = 1e-4  # issue 4: final latents within 1e-4 absolute
-IMAGE_ATOL = 1 / 255  # issue 4: decoded images (floats in [0, 1]) within one 8-bit level
+from fakes.parity import IMAGE_ATOL, LATENT_ATOL
 
 CASES: list[tuple[str, str, dict[str, Any]]] = [
     # (id, preset, arguments for both sides); 72x56 is non-square, 2 prompts x 2 images is a batch of 4.

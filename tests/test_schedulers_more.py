@@ -1,7 +1,8 @@
 """Step-by-step parity with diffusers of the beta sigma spacing and the schedulers added after the first set.
 
-Same harness and standard as ``test_schedulers.py``: the same pseudo-model and injected noise on both sides,
-timesteps and every per-step output within 1e-5 x max|diffusers| (plus 4 float32 ulps of the step's input).
+Same harness (fakes/scheduler_runs.py) and standard as ``test_schedulers.py``: the same pseudo-model and
+injected noise on both sides, timesteps and every per-step output within 1e-5 x max|diffusers| (plus 4 float32
+ulps of the step's input).
 """
 
 from __future__ import annotations
@@ -17,17 +18,16 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 scipy_stats = pytest.importorskip("scipy.stats")
 
-import test_schedulers  # noqa: E402
-from test_schedulers import (  # noqa: E402
+from fakes import scheduler_runs  # noqa: E402
+from fakes.scheduler_runs import (  # noqa: E402
     BASES,
     STEPS,
-    _tol,
     compare,
     our_run,
     reference_run,
     to_numpy,
+    tol_for,
 )
-
 from sdexport.runtime.schedulers import SchedulerConfigError, load_scheduler  # noqa: E402
 from sdexport.runtime.schedulers.beta_dist import beta_cdf, beta_ppf  # noqa: E402
 from sdexport.runtime.schedulers.registry import resolve_name  # noqa: E402
@@ -70,9 +70,9 @@ SENSITIVE = [("dpmpp_2s_sde", {"solver_order": 3, "solver_type": "heun", "final_
 
 def own_sensitivity(alias: str, config: dict, overrides: dict, n: int, monkeypatch: Any, ref: dict) -> float:
     """Max relative change of diffusers' per-step samples when its initial noise moves by one float32 ulp."""
-    nudged = np.nextafter(test_schedulers.INIT_NOISE, np.float32(np.inf))
+    nudged = np.nextafter(scheduler_runs.INIT_NOISE, np.float32(np.inf))
     with monkeypatch.context() as m:
-        m.setattr(test_schedulers, "INIT_NOISE", nudged)
+        m.setattr(scheduler_runs, "INIT_NOISE", nudged)
         other = reference_run(alias, config, overrides, n, m)
     return max(float(np.abs(to_numpy(a) - to_numpy(b)).max() / np.abs(to_numpy(b)).max())
                for a, b in zip(other["prev"], ref["prev"], strict=True))
@@ -145,7 +145,7 @@ def check_parity(alias: str, base: str, overrides: dict, n: int, monkeypatch: An
         with pytest.raises(SchedulerConfigError, match="non-finite"):
             our_run(alias, config, overrides, n, **req)
         return
-    # zero SNR (see test_schedulers.TOL_ZSNR) and EDM Euler (a first step from sigma_max ~ 80 whose result is
+    # zero SNR (see fakes.scheduler_runs.TOL_ZSNR) and EDM Euler (a first step from sigma_max ~ 80 whose result is
     # ~100x smaller: its 4-ulp input allowance is inherited by the next step) start each step from diffusers' input
     alone = config.get("rescale_betas_zero_snr") or alias in STEPWISE
     inputs = [ref["start"], *ref["prev"][:-1]] if alone else None
@@ -154,7 +154,7 @@ def check_parity(alias: str, base: str, overrides: dict, n: int, monkeypatch: An
     if alias in TIMESTEP_ATOL:
         np.testing.assert_allclose(ours["plan"].timesteps, ref["timesteps"], rtol=1e-5, atol=TIMESTEP_ATOL[alias])
         ref = {**ref, "timesteps": ours["plan"].timesteps.copy()}
-    tol = TOL_CANCEL if n <= CANCEL_STEPS.get(alias, 0) else _tol(config)
+    tol = TOL_CANCEL if n <= CANCEL_STEPS.get(alias, 0) else tol_for(config)
     if (alias, overrides) in SENSITIVE:
         tol = max(tol, 4 * own_sensitivity(alias, config, overrides, n, monkeypatch, ref))
     compare(ours, ref, derived, tol, zsnr=bool(config.get("rescale_betas_zero_snr")))
