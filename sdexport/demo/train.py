@@ -42,6 +42,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-5)
     p.add_argument("--unet-steps", type=int, default=2200, help="optimizer updates of the diffusion stage")
+    p.add_argument("--init-from", type=Path, help="start the UNet and text encoder from this saved folder")
     p.add_argument("--unet-lr", type=float, default=8e-4)
     p.add_argument("--text-lr", type=float, default=4e-4)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of the updates warming up from 0.1 x lr")
@@ -185,6 +186,17 @@ def _diffusion_loss(args: argparse.Namespace, empty_ids: torch.Tensor
     return loss
 
 
+def _text_models(folder: Path | None) -> tuple[Any, Any]:
+    """New UNet and text encoder, or (--init-from) those of a saved folder, in fp32, to train further."""
+    if folder is None:
+        return architecture.new_text_models()
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return (UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").float(),
+            CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder").float())
+
+
 def train_diffusion(accelerator: Any, latents: torch.Tensor, captions: list[str], tokenizer: Any,
                     args: argparse.Namespace) -> tuple[Any, Any]:
     """Stage 2: the UNet and the text encoder together (per-module learning rates), with an EMA of both."""
@@ -194,7 +206,7 @@ def train_diffusion(accelerator: Any, latents: torch.Tensor, captions: list[str]
         return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
 
-    unet, text_encoder = (m.train() for m in architecture.new_text_models())
+    unet, text_encoder = (m.train() for m in _text_models(args.init_from))
     emas = [EMAModel(m.parameters(), decay=args.ema_decay, use_ema_warmup=True) for m in (unet, text_encoder)]
     groups = [
         {"params": unet.parameters(), "lr": args.unet_lr, "weight_decay": 1e-2},
@@ -214,7 +226,7 @@ def _vae_stage(accelerator: Any, images: np.ndarray, args: argparse.Namespace) -
     from diffusers import AutoencoderKL
 
     if args.vae_from is not None:
-        return AutoencoderKL.from_pretrained(str(args.vae_from), subfolder="vae").eval()
+        return AutoencoderKL.from_pretrained(str(args.vae_from), subfolder="vae").float().eval()
     vae = train_vae(accelerator, images, args)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
