@@ -75,7 +75,7 @@ def _component_precision(text: str) -> tuple[str, str]:
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="export, validate and compile a pipeline into a folder")
-    p.add_argument("--model", default="tiny-sd15",
+    p.add_argument("--model", default="demo",
                    help=f"a preset ({', '.join(PRESETS)}), a hub id or a local diffusers folder")
     p.add_argument("--out", type=Path, help="output folder (default: build/<model>)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",

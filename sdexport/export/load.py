@@ -214,6 +214,11 @@ def source_identity(model: str, random_weights: bool) -> tuple[str, Preset | Non
     preset = resolve_preset(model)
     if preset is not None and preset.tiny:
         return "tiny", preset
+    if preset is not None and preset.folder is not None:
+        if random_weights:
+            raise UsageError(f"--random-weights needs a family preset, not the trained {model!r}; choose one of "
+                             f"{', '.join(FAMILY_PRESETS)}")
+        return "folder", preset
     if preset is not None:
         return ("random" if random_weights else "preset"), preset
     if random_weights:
@@ -260,8 +265,10 @@ def inspect_source(model: str, random_weights: bool = False) -> SourceInfo:
         configs = preset.configs()
         fingerprint = _sha256_json({"configs": configs, "seed": RANDOM_SEED, "kind": kind})
     else:
-        folder = Path(model).expanduser().resolve() if kind == "folder" else _hub_folder(
-            preset.hub_id if preset else model)
+        if kind == "folder":
+            folder = preset.folder if preset is not None else Path(model).expanduser().resolve()
+        else:
+            folder = _hub_folder(preset.hub_id if preset else model)
         configs = folder_configs(folder)
         fingerprint = folder_fingerprint(folder)
     text_configs = {n: configs[n] for n in ("text_encoder", "text_encoder_2") if n in configs}

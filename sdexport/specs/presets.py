@@ -6,8 +6,10 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
+from sdexport.demo import MODEL_DIR as DEMO_MODEL_DIR
 from sdexport.specs.families import family
 from sdexport.specs.ranges import ShapeRanges
 
@@ -21,9 +23,13 @@ class Preset:
     tiny: bool
     default_ranges: ShapeRanges
     family: str
+    folder: Path | None = None
+    """A trained model shipped inside the package as a diffusers folder (the ``demo`` preset)."""
 
     def configs(self) -> dict[str, Any]:
-        """The embedded configs of this architecture: model_index, unet, vae, text encoders, scheduler."""
+        """The configs of this architecture: model_index, unet, vae, text encoders, scheduler."""
+        if self.folder is not None:
+            return _folder_configs(self.folder)
         return _load_configs(self.name)
 
 
@@ -31,6 +37,15 @@ class Preset:
 def _load_configs(name: str) -> dict[str, Any]:
     text = resources.files("sdexport.specs").joinpath("data", f"{name}.json").read_text()
     return json.loads(text)
+
+
+def _folder_configs(folder: Path) -> dict[str, Any]:
+    configs = {"model_index": json.loads((folder / "model_index.json").read_text()),
+               "scheduler": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())}
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if (folder / part / "config.json").is_file():
+            configs[part] = json.loads((folder / part / "config.json").read_text())
+    return configs
 
 
 TINY_RANGES = ShapeRanges(batch=(1, 1, 4), height=(32, 64, 256), width=(32, 64, 256))
@@ -49,7 +64,9 @@ FAMILY_PRESETS: dict[str, Preset] = {
     name: Preset(name, hub_id, False, family(fam).default_ranges, fam) for name, hub_id, fam, _ in _RELEASED
 }
 TINY_PRESETS: dict[str, Preset] = {tiny: Preset(tiny, None, True, TINY_RANGES, fam) for _, _, fam, tiny in _RELEASED}
-PRESETS: dict[str, Preset] = {**FAMILY_PRESETS, **TINY_PRESETS}
+# Trained models shipped in the package: ``demo`` draws coloured shapes at 64x64 (docs/demo.md).
+SHIPPED_PRESETS: dict[str, Preset] = {"demo": Preset("demo", None, False, TINY_RANGES, "sd", DEMO_MODEL_DIR)}
+PRESETS: dict[str, Preset] = {**SHIPPED_PRESETS, **FAMILY_PRESETS, **TINY_PRESETS}
 
 
 def resolve_preset(name: str) -> Preset | None:
