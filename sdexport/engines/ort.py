@@ -16,6 +16,9 @@ from sdexport.specs import TensorSpec
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
+# Written by the build beside a component's portable graph when it has attention to fuse (export.fused_attention):
+# the same weights under the same names, attention as com.microsoft.MultiHeadAttention. ONNX Runtime only.
+FUSED_GRAPH = "model.ort.onnx"
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -29,6 +32,12 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts.enable_cpu_mem_arena = False
     opts.log_severity_level = 3
     return opts
+
+
+def fused_graph(graph: Path) -> Path:
+    """The ONNX Runtime graph to open for a component's portable ``graph``: its fused sibling when there is one."""
+    fused = Path(graph).with_name(FUSED_GRAPH)
+    return fused if fused != Path(graph) and fused.is_file() else Path(graph)
 
 
 def provider_names(providers: Sequence[Any]) -> list[str]:
@@ -59,9 +68,10 @@ class OrtEngine:
         providers: Sequence[Any] | None = None,
         options: ort.SessionOptions | None = None,
         initializer_overrides: Mapping[str, np.ndarray] | None = None,
+        fused: bool = True,
     ) -> None:
         self.name = name
-        self.graph = Path(graph)
+        self.graph = fused_graph(graph) if fused else Path(graph)
         self.inputs = inputs
         self.outputs = outputs
         self.requested = list(providers or [CPU])

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnxruntime", "tensorrt")
 TOOLS = ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime")
+# Bumped when the exported graphs change for the same source and settings (2: constant-scale attention, fused
+# ONNX Runtime graph beside the portable one); part of every component's key, so older builds are redone.
+EXPORT_FORMAT = 2
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 
 
@@ -103,6 +106,7 @@ def _check_config(config: BuildConfig, info: SourceInfo) -> None:
 def _component_key(info: SourceInfo, name: str, precision: str, ranges: ShapeRanges, loras: list[dict]) -> str:
     data = {
         "sdexport": __version__,
+        "export_format": EXPORT_FORMAT,
         "source": info.fingerprint,
         "component": info.spec.components[name].to_dict(),
         "precision": precision,
