@@ -71,10 +71,12 @@ class OrtEngine:
         fused: bool = True,
     ) -> None:
         self.name = name
+        self.requested = list(providers or [CPU])
+        # TensorRT's provider would split the graph at every MultiHeadAttention node: it gets the portable graph.
+        fused = fused and "TensorrtExecutionProvider" not in provider_names(self.requested)
         self.graph = fused_graph(graph) if fused else Path(graph)
         self.inputs = inputs
         self.outputs = outputs
-        self.requested = list(providers or [CPU])
         opts = options or session_options()
         self.options = opts
         if initializer_overrides:
