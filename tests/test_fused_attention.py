@@ -178,3 +178,20 @@ def test_constant_scale_attention_equals_sdpa_and_is_undone() -> None:
     torch.testing.assert_close(explicit, original(q, k, v), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(scaled, original(q, k, v, scale=0.3), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(masked, original(q, k, v, attn_mask=mask), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arena", [True, False])
+def test_engine_shrinks_the_arena_after_each_run_only_when_it_has_one(
+        arena: bool, tiny_folder: Callable[[str], Path], tiny_source: Callable[[str], Any]) -> None:
+    folder = tiny_folder(PRESET)
+    component = tiny_source(PRESET).spec.components["vae_decoder"]
+    opts = session_options()
+    assert opts.enable_cpu_mem_arena  # the default
+    opts.enable_cpu_mem_arena = arena
+    engine = OrtEngine("vae_decoder", folder / "vae_decoder" / "model.onnx", component.inputs, component.outputs,
+                       options=opts)
+    entry = engine.run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") if arena else None
+    assert entry == ("cpu:0" if arena else None)
+    feeds = dummy_inputs(component, validation_envs(tiny_source(PRESET).spec, component, TINY_RANGES)[0], 3)
+    first, second = engine.run(feeds)["image"], engine.run(feeds)["image"]
+    np.testing.assert_array_equal(first, second)  # shrinking between runs changes nothing in the results
