@@ -33,6 +33,12 @@ ENV = Environment(gpus=(ADA,), tensorrt_version=NEWEST)
 UNET_ENV = {"batch": 2, "latent_height": 8, "latent_width": 8, "sequence": 77}
 
 
+
+@pytest.fixture(autouse=True)
+def portable_host_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake device runs the portable graphs (as TensorRT does): host loops run them too, not the fused ones."""
+    monkeypatch.setattr("sdexport.engines.ort.fused_graph", Path)
+
 @pytest.fixture(scope="module")
 def built(tiny_folder: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = copied_folder(tiny_folder("tiny-sdxl"), tmp_path_factory)

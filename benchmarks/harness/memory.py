@@ -20,6 +20,12 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def current_rss_mib() -> float | None:
+    """Resident set size now, in MiB (None off Linux)."""
+    kib = _status_kib("VmRSS")
+    return kib / 1024 if kib is not None else None
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size since start or the last ``reset_peak``, in MiB."""
     kib = _status_kib("VmHWM")

@@ -94,9 +94,15 @@ def _check_config(config: BuildConfig, info: SourceInfo) -> None:
             raise ValueError(f"--component-precision {name}={precision!r}: choose one of {PRECISIONS}")
 
 
+# Bumped when the exported graphs change for the same source and settings (2: constant-scale attention, fused
+# ONNX Runtime graph beside the portable one); part of every component's key, so older builds are redone.
+EXPORT_FORMAT = 2
+
+
 def _component_key(info: SourceInfo, name: str, precision: str, ranges: ShapeRanges, loras: list[dict]) -> str:
     data = {
         "sdexport": __version__,
+        "format": EXPORT_FORMAT,
         "source": info.fingerprint,
         "component": info.spec.components[name].to_dict(),
         "precision": precision,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -14,7 +15,10 @@ from typing import Any
 import numpy as np
 
 from sdexport.engines import artifacts
+from sdexport.engines.ort import FUSED_GRAPH
 from sdexport.export import optimize
+from sdexport.export.attention import CONSTANT_SCALE_COMPONENTS, constant_scale_attention
+from sdexport.export.fused_attention import write_fused_graph
 from sdexport.export.load import Source
 from sdexport.export.lora import LORA_TARGETS
 from sdexport.export.onnx import dummy_inputs, export_component, torch_outputs, trace_env, validation_envs
@@ -51,7 +55,8 @@ def export_raw(source: Source, name: str, precision: str, ranges: ShapeRanges, f
         cases.append((env, feeds, torch_outputs(wrapper, component, feeds)))
     raw = folder / artifacts.BUILD_DIR / "raw" / name
     shutil.rmtree(raw, ignore_errors=True)
-    export_component(wrapper, component, trace_env(spec, component, ranges), raw / GRAPH)
+    with constant_scale_attention() if name in CONSTANT_SCALE_COMPONENTS else contextlib.nullcontext():
+        export_component(wrapper, component, trace_env(spec, component, ranges), raw / GRAPH)
     wmap = None
     if name in LORA_TARGETS:
         graph = optimize.load_graph(raw / GRAPH, with_data=False)
@@ -77,10 +82,14 @@ def finish(raw_export: RawExport, spec: ModelSpec, ranges: ShapeRanges, folder: 
     gc.collect()
     shutil.rmtree(raw, ignore_errors=True)
     validation = validate_graph(component, staging / GRAPH, raw_export.cases, precision)
+    if precision == "fp32" and write_fused_graph(staging / GRAPH, staging / FUSED_GRAPH):
+        validation["fused"] = validate_graph(component, staging / FUSED_GRAPH, raw_export.cases, precision)
+        written.append(staging / FUSED_GRAPH)
 
     target = folder / name
     target.mkdir(parents=True, exist_ok=True)
-    (target / (GRAPH + ".data")).unlink(missing_ok=True)
+    for stale in (GRAPH + ".data", FUSED_GRAPH):
+        (target / stale).unlink(missing_ok=True)
     for path in written:
         os.replace(path, target / path.name)
     files = {f"{name}/{p.name}": artifacts.file_record(folder, target / p.name) for p in written}
