@@ -8,7 +8,7 @@ from sdexport.specs.model import (
     TensorSpec,
     model_spec,
 )
-from sdexport.specs.presets import FAMILY_PRESETS, PRESETS, TINY_PRESETS, Preset, resolve_preset
+from sdexport.specs.presets import FAMILY_PRESETS, PRESETS, SHIPPED_PRESETS, TINY_PRESETS, Preset, resolve_preset
 from sdexport.specs.ranges import ShapeRanges
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "PRESETS",
     "Preset",
     "ShapeRanges",
+    "SHIPPED_PRESETS",
     "TINY_PRESETS",
     "TensorSpec",
     "detect_family",
