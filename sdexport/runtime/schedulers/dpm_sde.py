@@ -34,7 +34,7 @@ import numpy as np
 
 from . import f32
 from .base import Entry, Schedule
-from .kdpm2 import doubled, interleaved, two_stage_entry
+from .kdpm2 import KDPM2_DEFAULTS, doubled, interleaved, two_stage_entry
 from .ops import Array
 from .prediction import SigmaParam
 from .sigmas import SigmaScheduler, interp_sigmas, sigma_to_t
@@ -106,20 +106,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
     """
 
     class_name = "DPMSolverSDEScheduler"
-    defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "linear",
-        "trained_betas": None,
-        "prediction_type": "epsilon",
-        "use_karras_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-        "noise_sampler_seed": None,
-        "timestep_spacing": "linspace",
-        "steps_offset": 0,
-    }
+    defaults = {**KDPM2_DEFAULTS, "noise_sampler_seed": None}  # the same __init__ keys, plus the tree's seed
     prediction_types = ("epsilon", "v_prediction")
     karras_reads_config_bounds = False
     state_type = _State
