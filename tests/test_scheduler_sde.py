@@ -78,6 +78,8 @@ def test_our_increments_have_the_brownian_joint_distribution(steps):
     check_joint(plan, zs)
 
 
+# torchsde warns when a query endpoint rounds past its float32 ends (diffusers' own calls do the same)
+@pytest.mark.filterwarnings("ignore:Should have t")
 def test_diffusers_brownian_tree_has_the_documented_distribution():
     """The distribution we reproduce is the one torchsde's tree gives diffusers (per element, 200k elements)."""
     torch = pytest.importorskip("torch")
