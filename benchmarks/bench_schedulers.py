@@ -55,6 +55,7 @@ SCHEDULERS = [
     "edm_dpmpp_2m",
     "tcd",
     "sa_solver",
+    "dpmpp_sde",
 ]
 OVERRIDES = {"euler_beta": ("euler", {"use_beta_sigmas": True})}
 """Benchmark names that are a scheduler alias plus config overrides."""

@@ -33,8 +33,9 @@ from sdexport.runtime.schedulers.beta_dist import beta_cdf, beta_ppf  # noqa: E4
 from sdexport.runtime.schedulers.registry import resolve_name  # noqa: E402
 
 DERIVED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-# schedulers whose timesteps are always computed from sigmas (interpolated in log-sigma), e.g. KDPM2's midpoints
-DERIVED_ALIASES = {"dpm2", "dpm2_a", "edm_euler", "edm_dpmpp_2m", "edm_dpmpp_2m_sde"}  # EDM: 0.25 log sigma
+# schedulers whose timesteps are always computed from sigmas (interpolated in log-sigma), e.g. the midpoints of
+# KDPM2 and DPM++ SDE (EDM: 0.25 log sigma)
+DERIVED_ALIASES = {"dpm2", "dpm2_a", "dpmpp_sde", "edm_euler", "edm_dpmpp_2m", "edm_dpmpp_2m_sde"}
 STEPWISE = {"edm_euler"}
 # KDPM2 ancestral's sigma_down = sqrt(sigma_next^2 - sigma_up^2) cancels catastrophically in float32 when
 # sigma_next << sigma (few steps): torch's float32 sqrt on this CPU is not correctly rounded for ~19% of the
@@ -205,6 +206,18 @@ SWEEP = {
         ("sdxl", {"use_exponential_sigmas": True}),
         ("sdxl", {"use_beta_sigmas": True}),
         ("sd15", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ],
+    "dpmpp_sde": [
+        ("sdxl", {"use_karras_sigmas": True}),
+        ("bounds", {"use_karras_sigmas": True}),
+        ("sdxl", {"use_exponential_sigmas": True}),
+        ("sdxl", {"use_beta_sigmas": True}),
+        ("bounds", {"use_exponential_sigmas": True}),
+        ("sd15", {"prediction_type": "v_prediction"}),
+        ("sd15", {"timestep_spacing": "leading", "steps_offset": 1}),
+        ("sd15", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+        ("sd15", {"beta_schedule": "squaredcos_cap_v2"}),
+        ("sd15", {"noise_sampler_seed": 7}),
     ],
     "dpmpp_2s": [
         ("sdxl", {"use_karras_sigmas": True}),

@@ -2,7 +2,8 @@
 
 Both sides run the same closed denoising loop: the same deterministic pseudo-model (a fixed function of the
 model input and the timestep) and the same injected noise draws (diffusers' ``randn_tensor`` is patched to
-hand out the draws our loop passes as ``noise=``). Shared by tests/test_schedulers.py and
+hand out the draws our loop passes as ``noise=``; DPM++ SDE's Brownian sampler builds its path from them, see
+fakes/brownian.py). Shared by tests/test_schedulers.py and
 tests/test_schedulers_more.py; test modules importing it skip first when torch or diffusers is missing.
 """
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
+from fakes.brownian import brownian_sampler
 from fakes.schedulers import SD15, SDXL, SHAPE
 from sdexport.runtime.schedulers import load_scheduler
 from sdexport.runtime.schedulers.registry import resolve_name
@@ -133,7 +135,10 @@ def reference_run(alias: str, config: dict, overrides: dict, n: int, monkeypatch
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(0)
     queue = NoiseQueue()
-    monkeypatch.setattr(sys.modules[type(sched).__module__], "randn_tensor", queue, raising=False)
+    module = sys.modules[type(sched).__module__]
+    monkeypatch.setattr(module, "randn_tensor", queue, raising=False)
+    if hasattr(module, "BrownianTreeNoiseSampler"):  # DPM++ SDE: its Brownian increments from the same draws
+        monkeypatch.setattr(module, "BrownianTreeNoiseSampler", brownian_sampler(queue))
     kwargs = {"eta": req["eta"]} if req.get("eta") else {}
     out: dict = {
         "timesteps": timesteps.numpy(),

@@ -13,7 +13,7 @@ sigmas exist):
 - ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m``, ``dpm_2m``, ``dpm_2m_sde`` (DPM-Solver multistep);
 - ``dpm2``, ``dpm2_a`` (KDPM2); ``dpmpp_2s``, ``dpmpp_3s``, ``dpmpp_2s_sde`` (DPM-Solver singlestep);
 - ``deis``; ``edm_euler``, ``edm_dpmpp_2m``, ``edm_dpmpp_2m_sde``, ``edm_dpmpp_3m`` (EDM models);
-- ``tcd``, ``sa_solver``.
+- ``dpmpp_sde`` (DPM++ SDE: Brownian-increment noise, see ``dpm_sde``); ``tcd``, ``sa_solver``.
 
 An alias may imply config values (the SDE algorithm of ``dpmpp_2m_sde``), applied over the config;
 ``overrides`` come last. ``scheduler_names()`` lists the names; ``get_scheduler_class(name)`` returns the
@@ -26,7 +26,7 @@ Per request: ``Plan`` and ``Stepper``
 ``scheduler.plan(num_inference_steps, *, strength=None, denoising_start=None, denoising_end=None, eta=0.0)``
 returns an immutable ``Plan`` (safe to share and cache); ``i`` below is a position in ``plan.timesteps``:
 
-- ``plan.timesteps``: one timestep per model evaluation, in diffusers' dtype. Heun and KDPM2 list 2N - 1.
+- ``plan.timesteps``: one timestep per model evaluation, in diffusers' dtype. Heun, KDPM2 and DPM++ SDE list 2N - 1.
 - ``plan.num_inference_steps`` (as diffusers reports it), ``plan.init_noise_sigma``, ``plan.begin_index``,
   ``plan.order`` (2 for Heun).
 - ``plan.needs_noise[i]``: step ``i`` consumes one standard-normal array shaped like the sample, exactly where
@@ -73,6 +73,7 @@ from .config import SchedulerConfigError
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .deis import DEISMultistepScheduler
+from .dpm_sde import DPMSolverSDEScheduler
 from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .edm_dpm_solver import EDMDPMSolverMultistepScheduler
@@ -96,6 +97,7 @@ __all__ = [
     "DDPMScheduler",
     "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSDEScheduler",
     "DPMSolverSinglestepScheduler",
     "EDMDPMSolverMultistepScheduler",
     "EDMEulerScheduler",

@@ -11,6 +11,7 @@ from .config import SchedulerConfigError
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .deis import DEISMultistepScheduler
+from .dpm_sde import DPMSolverSDEScheduler
 from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .edm_dpm_solver import EDMDPMSolverMultistepScheduler
@@ -46,6 +47,7 @@ SCHEDULER_CLASSES: tuple[type[Scheduler], ...] = (
     EDMDPMSolverMultistepScheduler,
     TCDScheduler,
     SASolverScheduler,
+    DPMSolverSDEScheduler,
 )
 
 
@@ -92,6 +94,7 @@ def _aliases() -> dict[str, Alias]:
         "edm_dpmpp_3m": Alias(EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
         "tcd": Alias(TCDScheduler),
         "sa_solver": Alias(SASolverScheduler),
+        "dpmpp_sde": Alias(DPMSolverSDEScheduler),
         "dpmpp_2s_sde": Alias(
             DPMSolverSinglestepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
         ),
