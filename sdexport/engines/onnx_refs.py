@@ -6,9 +6,9 @@ Only the fields on the way to a tensor's ``external_data`` are decoded; weights 
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator
 from pathlib import Path
 
+from sdexport.engines.onnx_weights import fields
 from sdexport.errors import ArtifactError
 
 # Field numbers of onnx.proto (ONNX IR): ModelProto.graph = 7, ModelProto.functions = 25; GraphProto.node = 1,
@@ -24,46 +24,11 @@ _SPARSE = {1: "tensor", 2: "tensor"}
 _TENSOR = {13: "entry"}
 
 
-def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(field number, start, end) of every length-delimited field of the message in buf[start:end]."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos, end)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            length, pos = _varint(buf, pos, end)
-            if pos + length > end:
-                raise ValueError(f"field {number} runs past the end of its message")
-            yield number, pos, pos + length
-            pos += length
-        else:
-            raise ValueError(f"unsupported wire type {wire} (field {number})")
-    if pos != end:
-        raise ValueError("message runs past its end")
-
-
 def _entry(buf: memoryview, start: int, end: int) -> tuple[bytes, bytes]:
     key = value = b""
-    for number, s, e in _fields(buf, start, end):
+    for number, wire, s, e in fields(buf, start, end):
+        if wire != 2:
+            continue
         if number == 1:
             key = bytes(buf[s:e])
         elif number == 2:
@@ -77,10 +42,10 @@ _KINDS = {"graph": _GRAPH, "function": _FUNCTION, "node": _NODE, "attribute": _A
 
 def _walk(buf: memoryview, start: int, end: int, kind: str, found: set[str], depth: int = 0) -> None:
     if depth > 64:
-        raise ValueError("graphs nested too deeply")
+        raise ArtifactError("not an ONNX file: graphs nested too deeply")
     table = _MODEL if kind == "model" else _KINDS[kind]
-    for number, s, e in _fields(buf, start, end):
-        child = table.get(number)
+    for number, wire, s, e in fields(buf, start, end):
+        child = table.get(number) if wire == 2 else None
         if child == "entry":
             key, value = _entry(buf, s, e)
             if key == b"location":
@@ -95,14 +60,14 @@ def external_data_locations(graph: Path) -> list[str]:
     try:
         with graph.open("rb") as f:
             if graph.stat().st_size == 0:
-                raise ValueError("empty file")
+                raise ArtifactError("not an ONNX file: empty")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 view = memoryview(data)
                 try:
                     _walk(view, 0, len(view), "model", found)
                 finally:
                     view.release()
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ArtifactError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{graph} is not a readable ONNX graph ({exc}); rebuild the folder") from None
     except OSError as exc:
         raise ArtifactError(f"cannot read {graph}: {exc.strerror or exc}") from None
