@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sdexport.engines.artifacts import write_manifest
+from sdexport.engines.artifacts import sha256_file, write_manifest
 from sdexport.engines.doctor import DoctorReport, diagnose, format_report, run_doctor
 from sdexport.engines.tensorrt.compat import Environment, GpuInfo
 
@@ -22,7 +22,17 @@ ENGINE = {"plan": "unet/engine.plan", "size": 1, "sha256": "0", "tensorrt_versio
 def _folder(tmp_path: Path, engines: dict | None) -> Path:
     folder = tmp_path / "compiled"
     folder.mkdir()
-    manifest = {"files": {}, "components": {}, "backend": "tensorrt" if engines else "onnxruntime"}
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.parent.mkdir()
+    config.write_text("{}")
+    manifest = {
+        "files": {"scheduler/scheduler_config.json": {"size": 2, "sha256": sha256_file(config)}}, "components": {},
+        "backend": "tensorrt" if engines else "onnxruntime", "sdexport_version": "0", "tokenizers": [],
+        "source": {"kind": "tiny", "id": "tiny-sd15", "hash": "0"},
+        "model": {"family": "sd", "inpaint": False, "components": {}, "vae_scale_factor": 8, "scaling_factor": 0.18,
+                  "clip_skip_max": 1, "time_ids_dim": None},
+        "shape_ranges": {"batch": [1, 1, 1], "height": [64, 64, 64], "width": [64, 64, 64], "prompt_chunks": 1},
+    }
     if engines:
         manifest["engines"] = engines
     write_manifest(folder, manifest)

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sdexport.engines.manifest_schema import validate_manifest
+from sdexport.engines.onnx_refs import external_data_locations
 from sdexport.errors import ArtifactError, BuildLockedError
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,10 @@ MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 LOCK = ".lock"
 BUILD_DIR = ".build"
+DEFAULT_SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+SPECIAL_TOKENS = "special_tokens_map.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", SPECIAL_TOKENS)
+"""What the runtime's tokenizer opens in a tokenizer folder (the special tokens map only when present)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -93,17 +99,20 @@ def build_lock(folder: Path) -> Iterator[None]:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """Parse manifest.json; raise ArtifactError for a missing, unreadable or foreign manifest."""
-    path = folder / MANIFEST
+    """Parse manifest.json; raise ArtifactError for a missing, unreadable, escaping or foreign manifest."""
     if not folder.is_dir():
         raise ArtifactError(f"{folder} does not exist")
-    if not path.is_file():
+    path = folder / MANIFEST
+    if not (path.is_file() or path.is_symlink()):
         raise ArtifactError(
             f"{folder} has no {MANIFEST}: it is not an sdexport folder or its build did not finish; "
             f"run `sdexport build ... --out {folder}` to complete it"
         )
+    resolved = check_inside(folder, MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(resolved.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid UTF-8 (byte {exc.start}); rebuild the folder") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); rebuild the folder") from exc
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
@@ -111,31 +120,29 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise ArtifactError(
             f"{path} has schema_version={version!r}; this sdexport reads {SCHEMA_VERSION}: rebuild the folder"
         )
-    return manifest
+    return validate_manifest(manifest, path)
 
 
 def check_inside(folder: Path, relative: str) -> Path:
-    """Resolve ``relative`` under ``folder``; refuse absolute paths and anything escaping the folder."""
-    root = folder.resolve()
-    target = (root / relative).resolve()
+    """Resolve ``relative`` under ``folder`` (symlinks followed); refuse absolute paths and anything escaping it."""
+    try:
+        root = Path(folder).resolve(strict=True)
+        target = (root / relative).resolve()
+    except (OSError, RuntimeError) as exc:
+        raise ArtifactError(f"cannot resolve {relative!r} in {folder} ({exc}); rebuild the folder") from None
     if Path(relative).is_absolute() or (target != root and root not in target.parents):
         raise ArtifactError(f"{relative!r} in {folder} points outside the folder; refusing to use it")
     return target
 
 
-def external_data_locations(graph: Path) -> list[str]:
-    """The external-data file names a graph refers to (read without loading any weights)."""
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
-    locations: set[str] = set()
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        tensors += [a.t for a in node.attribute if a.HasField("t")]
-    for tensor in tensors:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            locations.update(e.value for e in tensor.external_data if e.key == "location")
-    return sorted(locations)
+def listed_path(folder: Path, manifest: dict[str, Any], relative: str, what: str) -> Path:
+    """The resolved path of ``relative``, a file inside the folder that the manifest lists with its hash."""
+    path = check_inside(folder, relative)
+    rel = path.relative_to(Path(folder).resolve()).as_posix()
+    if rel not in manifest["files"] or rel != Path(relative).as_posix():
+        raise ArtifactError(f"{what} {relative!r} in {folder} is not a file the manifest lists with a hash; "
+                            "refusing to use it")
+    return path
 
 
 def verify_files(folder: Path, files: dict[str, dict[str, Any]], hashes: bool = True) -> None:
@@ -153,34 +160,50 @@ def verify_files(folder: Path, files: dict[str, dict[str, Any]], hashes: bool = 
             raise ArtifactError(f"{path} does not match its sha256 in the manifest: edited or corrupted; rebuild")
 
 
+def check_references(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every path the runtime opens (scheduler config, tokenizer files, graphs and their external data) is listed."""
+    listed_path(folder, manifest, manifest.get("scheduler_config", DEFAULT_SCHEDULER_CONFIG), "scheduler_config")
+    for i, name in enumerate(manifest.get("tokenizers", [])):
+        check_inside(folder, name)
+        for file in TOKENIZER_FILES:
+            relative = f"{name}/{file}"
+            if file != SPECIAL_TOKENS or (Path(folder) / relative).is_file():
+                listed_path(folder, manifest, relative, f"tokenizers[{i}] file")
+    for name, comp in manifest["components"].items():
+        listed_path(folder, manifest, comp["graph"], f"components.{name}.graph")
+        if "weight_map" in comp:
+            listed_path(folder, manifest, comp["weight_map"], f"components.{name}.weight_map")
+    for relative in manifest["files"]:
+        if relative.endswith(".onnx"):
+            for location in external_data_locations(check_inside(folder, relative)):
+                where = (Path(relative).parent / location).as_posix()
+                listed_path(folder, manifest, where, f"external data of {relative}:")
+
+
 def check_no_strays(folder: Path, manifest: dict[str, Any]) -> None:
-    """Every file next to a component's graph must be one the manifest vouches for (no unverified weights)."""
-    root = folder.resolve()
-    files = manifest.get("files", {})
-    for name, record in manifest.get("components", {}).items():
-        graph = check_inside(folder, record["graph"])
-        for path in graph.parent.iterdir():
-            if path.is_file() and str(path.relative_to(root)) not in files:
-                raise ArtifactError(f"{name}: {path} is not listed in the manifest; remove it or rebuild the folder")
+    """Every file in a component's or tokenizer's folder must be one the manifest vouches for (no unverified files)."""
+    root = Path(folder).resolve()
+    files = manifest["files"]
+    dirs = {check_inside(folder, record["graph"]).parent for record in manifest["components"].values()}
+    dirs |= {check_inside(folder, name) for name in manifest.get("tokenizers", [])}
+    for directory in sorted(dirs):
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            if (path.is_symlink() or path.is_file()) and path.relative_to(root).as_posix() not in files:
+                raise ArtifactError(f"{path} is not listed in the manifest; remove it or rebuild the folder")
 
 
-def load_manifest(folder: str | os.PathLike[str], verify: bool = True, inspect_graphs: bool = True
-                  ) -> dict[str, Any]:
-    """Read and verify a compiled folder (sizes always, sha256 when ``verify``); returns the manifest.
+def load_manifest(folder: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
+    """Read and verify a compiled folder (schema, sizes, sha256 when ``verify``, every referenced path, strays).
 
-    ``inspect_graphs`` also reads each graph's external-data references (needs the onnx package; the serving
-    runtime, which must not import it, adds ``check_no_strays`` instead).
+    The one check both ``sdexport info`` and ``Pipeline.load`` apply; it needs neither onnx nor onnxruntime.
     """
     root = Path(folder)
     manifest = read_manifest(root)
-    verify_files(root, manifest.get("files", {}), hashes=verify)
-    if verify and inspect_graphs:
-        for name, comp in manifest.get("components", {}).items():
-            for location in external_data_locations(check_inside(root, comp["graph"])):
-                rel = str(Path(comp["graph"]).parent / location)
-                check_inside(root, rel)
-                if rel not in manifest["files"]:
-                    raise ArtifactError(f"{name}: external data {rel!r} is not a file the manifest vouches for")
+    verify_files(root, manifest["files"], hashes=verify)
+    check_references(root, manifest)
+    check_no_strays(root, manifest)
     return manifest
 
 

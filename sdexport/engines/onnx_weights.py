@@ -29,6 +29,8 @@ _T_RAW, _T_DOUBLE, _T_EXTERNAL, _T_LOCATION = 9, 10, 13, 14
 def _varint(buf: memoryview | bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
+        if pos >= len(buf) or shift > 63:
+            raise ArtifactError(f"not an ONNX file: truncated varint at byte {pos}")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -37,7 +39,7 @@ def _varint(buf: memoryview | bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+def fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """(field number, wire type, value, end) per field of the message in buf[start:end].
 
     For length-delimited fields (wire type 2) ``value`` is the payload's start offset in ``buf`` and ``end`` its
@@ -52,6 +54,8 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, i
             yield number, wire, value, pos
         elif wire == 2:
             length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise ArtifactError(f"not an ONNX file: field {number} at byte {pos} runs past its message")
             yield number, wire, pos, pos + length
             pos += length
         elif wire in (1, 5):
@@ -87,7 +91,7 @@ class _Tensor:
 def _tensor(buf: memoryview, start: int, end: int) -> _Tensor:
     t = _Tensor()
     dims: list[int] = []
-    for number, wire, value, stop in _fields(buf, start, end):
+    for number, wire, value, stop in fields(buf, start, end):
         if number == _T_DIMS:
             dims += _varints(buf, wire, value, stop)
         elif number == _T_TYPE:
@@ -97,7 +101,7 @@ def _tensor(buf: memoryview, start: int, end: int) -> _Tensor:
         elif number == _T_RAW:
             t.raw = (value, stop)
         elif number == _T_EXTERNAL:
-            entry = {k: bytes(buf[v:e]).decode() for k, _, v, e in _fields(buf, value, stop)}
+            entry = {k: bytes(buf[v:e]).decode() for k, _, v, e in fields(buf, value, stop)}
             t.external = t.external or {}
             t.external[entry.get(1, "")] = entry.get(2, "")
         elif number == _T_LOCATION and value == 1:
@@ -110,13 +114,13 @@ def _tensor(buf: memoryview, start: int, end: int) -> _Tensor:
 
 def _initializers(buf: memoryview, names: set[str]) -> Iterator[tuple[_Tensor, int, int]]:
     """(tensor, start, end) of every initializer whose name is in ``names``."""
-    for number, _, gstart, gend in _fields(buf, 0, len(buf)):
+    for number, _, gstart, gend in fields(buf, 0, len(buf)):
         if number != _MODEL_GRAPH:
             continue
-        for field, _, start, end in _fields(buf, gstart, gend):
+        for field, _, start, end in fields(buf, gstart, gend):
             if field != _GRAPH_INITIALIZER:
                 continue
-            name = next((bytes(buf[v:e]).decode() for n, _, v, e in _fields(buf, start, end) if n == _T_NAME), "")
+            name = next((bytes(buf[v:e]).decode() for n, _, v, e in fields(buf, start, end) if n == _T_NAME), "")
             if name in names:
                 yield _tensor(buf, start, end), start, end
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from sdexport.engines.registry import Backend, BackendStatus, Option, register_backend
+from sdexport.errors import ArtifactError
 from sdexport.specs import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,27 @@ def check_providers(requested: Sequence[Any], granted: Sequence[str], graph: Pat
     return dropped
 
 
+# What ONNX Runtime raises for a graph it cannot load (bad bytes, bad external data, unknown ops...).
+_LOAD_ERRORS = tuple(getattr(_state, n) for n in ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf",
+                                                  "NoSuchFile", "NotImplemented", "RuntimeException")
+                     if hasattr(_state, n))
+
+
+def _open_session(graph: Path, opts: ort.SessionOptions, providers: Sequence[Any],
+                  initializer_overrides: Mapping[str, np.ndarray] | None) -> ort.InferenceSession:
+    """An InferenceSession on ``graph``; ONNX Runtime's load errors become an ArtifactError naming the graph."""
+    try:
+        if initializer_overrides:
+            # SessionOptions.add_initializer is ignored wherever graph optimisation touches the weight, so the
+            # overridden weights are written into the model bytes instead.
+            from sdexport.engines.lora import ort_session
+
+            return ort_session(graph, initializer_overrides, opts, providers)
+        return ort.InferenceSession(str(graph), sess_options=opts, providers=list(providers))
+    except _LOAD_ERRORS as exc:
+        raise ArtifactError(f"ONNX Runtime cannot load {graph}: {str(exc).strip()[:300]}; rebuild the folder") from exc
+
+
 class OrtEngine:
     """A component run by ONNX Runtime, behind the Engine protocol."""
 
@@ -96,14 +119,7 @@ class OrtEngine:
         self.outputs = outputs
         opts = options or session_options()
         self.options = opts
-        if initializer_overrides:
-            # SessionOptions.add_initializer is ignored wherever graph optimisation touches the weight, so the
-            # overridden weights are written into the model bytes instead.
-            from sdexport.engines.lora import ort_session
-
-            self.session = ort_session(self.graph, initializer_overrides, opts, self.requested)
-        else:
-            self.session = ort.InferenceSession(str(self.graph), sess_options=opts, providers=self.requested)
+        self.session = _open_session(self.graph, opts, self.requested, initializer_overrides)
         self.providers = self.session.get_providers()
         self.dropped_providers = check_providers(self.requested, self.providers, self.graph)
         self._output_names = [t.name for t in outputs]

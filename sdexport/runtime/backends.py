@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -40,10 +41,21 @@ Runner = Callable[[Mapping[str, Any]], dict[str, Any]]
 
 
 def verify_folder(folder: Path, verify: bool = True) -> dict[str, Any]:
-    """Read and verify the manifest (sizes, sha256 when ``verify``, no stray files) without importing onnx."""
-    manifest = artifacts.load_manifest(folder, verify=verify, inspect_graphs=False)
-    artifacts.check_no_strays(Path(folder), manifest)
-    return manifest
+    """Read and verify the manifest exactly as ``sdexport info`` does (``artifacts.load_manifest``), without onnx."""
+    return artifacts.load_manifest(folder, verify=verify)
+
+
+def read_scheduler_config(folder: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The folder's scheduler config: a listed, hashed JSON object inside the folder (``manifest.scheduler_config``)."""
+    relative = manifest.get("scheduler_config", artifacts.DEFAULT_SCHEDULER_CONFIG)
+    path = artifacts.listed_path(folder, dict(manifest), relative, "scheduler_config")
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not a readable JSON scheduler config ({exc}); rebuild the folder") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, not {type(config).__name__}; rebuild the folder")
+    return config
 
 
 def component_files(folder: Path, manifest: Mapping[str, Any], spec: ComponentSpec) -> ComponentFiles:

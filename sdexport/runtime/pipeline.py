@@ -14,9 +14,17 @@ from typing import Any
 import numpy as np
 
 from sdexport.engines.arrays import HOST, Arrays
+from sdexport.engines.artifacts import check_inside
 from sdexport.engines.base import Engine
 from sdexport.runtime.args import DEFAULTS, GenerationArgs
-from sdexport.runtime.backends import ComponentFiles, EngineRunner, component_files, open_engine, verify_folder
+from sdexport.runtime.backends import (
+    ComponentFiles,
+    EngineRunner,
+    component_files,
+    open_engine,
+    read_scheduler_config,
+    verify_folder,
+)
 from sdexport.runtime.conditioning import conditioner_for
 from sdexport.runtime.denoise import Cancelled, Guidance, denoise
 from sdexport.runtime.images import postprocess
@@ -60,10 +68,10 @@ class Pipeline:
         if missing:
             raise ValueError(f"no engine for component(s) {missing} of {self.folder}")
         self.engines = dict(engines)
-        self.tokenizers = {name: ClipTokenizer(self.folder / name) for name in manifest.get("tokenizers", [])}
+        self.tokenizers = {name: ClipTokenizer(check_inside(self.folder, name))
+                           for name in manifest.get("tokenizers", [])}
         self.conditioner = conditioner_for(self.spec, self.tokenizers)
-        config_path = self.folder / manifest.get("scheduler_config", "scheduler/scheduler_config.json")
-        self.scheduler_base_config: dict[str, Any] = json.loads(config_path.read_text())
+        self.scheduler_base_config = read_scheduler_config(self.folder, manifest)
         self._schedulers: dict[str, Scheduler] = {}
         self._lock = threading.Lock()
         self._swapper: Any = None
