@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                ("sdexport", args.sdexport, sdexport_generator)):
         if folder is not None:
             result, readings[name] = run(make(folder, args.steps, args.guidance, args.threads), combos, args.seed)
-            print(f"{name}: {len(combos)} pictures, {args.steps} steps, guidance {args.guidance}: {result.summary()}")
+            sys.stdout.write(f"{name}: {len(combos)} pictures, {args.steps} steps, guidance {args.guidance}: "
+                             f"{result.summary()}\n")
     if len(readings) == 2:
         same = sum(a == b for a, b in zip(readings["diffusers"], readings["sdexport"], strict=True))
-        print(f"same reading through both: {same}/{len(combos)}")
+        sys.stdout.write(f"same reading through both: {same}/{len(combos)}\n")
     return 0
 
 
