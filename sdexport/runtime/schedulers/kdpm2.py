@@ -11,21 +11,9 @@ from . import f32
 from .base import Entry, Schedule
 from .ops import Array
 from .prediction import SigmaParam
-from .sigmas import SigmaScheduler, interp_sigmas, sigma_to_t
+from .sigmas import SIGMA_SCHEDULER_DEFAULTS, SigmaScheduler, interp_sigmas, sigma_to_t
 
-KDPM2_DEFAULTS = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "linear",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "linspace",
-    "steps_offset": 0,
-}
+KDPM2_DEFAULTS = {**SIGMA_SCHEDULER_DEFAULTS, "beta_start": 0.00085, "beta_end": 0.012}
 """The ``__init__`` arguments and defaults of both diffusers KDPM2 classes."""
 
 

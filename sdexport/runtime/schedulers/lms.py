@@ -8,10 +8,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .base import Entry, Schedule
-from .betas import BETA_DEFAULTS
 from .ops import Array
 from .prediction import SigmaParam
-from .sigmas import SigmaScheduler, interp_sigmas
+from .sigmas import SIGMA_SCHEDULER_DEFAULTS, SigmaScheduler, interp_sigmas
 
 LMS_ORDER = 4
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(LMS_ORDER)  # exact for the degree <= 3 integrands
@@ -47,15 +46,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
 
     class_name = "LMSDiscreteScheduler"
     state_type = _State
-    defaults = {
-        **BETA_DEFAULTS,
-        "use_karras_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-        "prediction_type": "epsilon",
-        "timestep_spacing": "linspace",
-        "steps_offset": 0,
-    }
+    defaults = SIGMA_SCHEDULER_DEFAULTS
     karras_reads_config_bounds = False
 
     def _schedule(self, num_inference_steps: int) -> Schedule:

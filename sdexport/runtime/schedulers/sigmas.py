@@ -11,11 +11,23 @@ import numpy as np
 from . import f32
 from .base import Entry, Scheduler
 from .beta_dist import beta_ppf
-from .betas import alphas_cumprod, train_sigmas
+from .betas import BETA_DEFAULTS, alphas_cumprod, train_sigmas
 from .config import SchedulerConfigError, check_choice
 from .timesteps import spaced_timesteps
 
 SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+SIGMA_SCHEDULER_DEFAULTS: dict[str, Any] = {
+    **BETA_DEFAULTS,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+}
+"""The ``__init__`` defaults diffusers' sigma schedulers share (LMS, KDPM2 with its own beta range)."""
 
 
 def interp_sigmas(timesteps: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
