@@ -12,35 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.engines.doctor import packages
+from sdexport.engines.machine import cpu_flags
+from sdexport.engines.machine import cpu_name as cpu_model
 
 # sdexport, every registered backend's packages (the registry, as `sdexport doctor` reports them), and the peers.
 LIBRARIES = tuple(dict.fromkeys(("sdexport", *packages(), "torch", "diffusers", "transformers", "optimum",
                                  "optimum-onnx", "optimum-intel", "Pillow", "tokenizers")))
 BLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD features that matter for sgemm (avx2, avx512f, amx...) the CPU reports."""
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return []
 
 
 def memory_total_mib() -> int | None:

@@ -6,6 +6,8 @@ Declares the "openvino" backend; ``openvino`` itself is imported when an engine 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import threading
 from collections.abc import Mapping
@@ -14,14 +16,18 @@ from typing import Any
 
 import numpy as np
 
+from sdexport.engines import openvino_precision as precision_probe
 from sdexport.engines.registry import Backend, BackendStatus, Option, register_backend
 from sdexport.specs import TensorSpec
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("f32", "bf16", "f16")
-"""Values of the ``precision`` option (OpenVINO's INFERENCE_PRECISION_HINT). f32 is the default on purpose:
-OpenVINO picks bf16 by itself on any CPU with avx512_bf16, which changes the numbers and, without AMX, is slower."""
+PRECISIONS = ("f32", "bf16", "f16", "int8", "auto")
+"""Values of the ``precision`` option. f32, bf16, f16: OpenVINO's INFERENCE_PRECISION_HINT. int8: weights compressed
+to int8 by nncf (``sdexport[int8]``), activations f32. auto: per component, the fastest precision this CPU offers
+whose outputs stay within 1% (relative RMS) of f32, measured once and cached (``openvino_precision``). f32 is the
+default on purpose: OpenVINO picks bf16 by itself on any CPU with avx512_bf16, which changes the numbers and,
+without AMX, is slower."""
 HINTS = ("latency", "throughput")
 
 
@@ -35,7 +41,10 @@ def compile_config(precision: str = "f32", threads: int | None = None, streams: 
     for name, value in (("threads", threads), ("streams", streams)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"openvino option {name}={value!r} must be an integer >= 1")
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint.upper()}
+    if precision == "auto":
+        raise ValueError("openvino option precision='auto' is resolved per component before compiling")
+    hint_precision = "f32" if precision == "int8" else precision
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint_precision, "PERFORMANCE_HINT": hint.upper()}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
     if streams is not None:
@@ -74,7 +83,7 @@ class OpenVinoEngine:
 
     def __init__(self, name: str, graph: Path, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
                  config: Mapping[str, Any] | None = None,
-                 initializer_overrides: Mapping[str, np.ndarray] | None = None) -> None:
+                 initializer_overrides: Mapping[str, np.ndarray] | None = None, int8_weights: bool = False) -> None:
         import openvino as ov
 
         self.name = name
@@ -82,12 +91,15 @@ class OpenVinoEngine:
         self.inputs = inputs
         self.outputs = outputs
         self.config = dict(config or compile_config())
+        self.precision = "int8" if int8_weights else str(self.config["INFERENCE_PRECISION_HINT"])
         core = ov.Core()
         model = core.read_model(str(self.graph))
         if initializer_overrides:
             missing = replace_constants(model, initializer_overrides)
             if missing:
                 raise ValueError(f"{self.graph}: no weight(s) {missing[:5]} in the graph to replace")
+        if int8_weights:
+            model = compress_int8(model)
         self.compiled = core.compile_model(model, "CPU", self.config)
         ports = {port.get_any_name(): port for port in self.compiled.outputs}
         absent = [t.name for t in outputs if t.name not in ports]
@@ -110,12 +122,54 @@ class OpenVinoEngine:
                 for t, port in zip(self.outputs, self._ports, strict=True)}
 
 
-def open_component(component: Any, options: Mapping[str, Any]) -> OpenVinoEngine:
-    """The openvino backend's engine for one component (``ComponentFiles``) of a compiled folder."""
-    config = compile_config(options.get("precision", "f32"), options.get("threads"), options.get("streams"),
+def compress_int8(model: Any) -> Any:
+    """``model`` with its weights compressed to int8 (asymmetric, per channel) by nncf; activations stay f32."""
+    try:
+        import nncf
+    except ImportError:
+        raise ValueError("openvino option precision='int8' needs nncf: pip install 'sdexport[int8]'") from None
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.WARNING)  # nncf reports its bit-width table at INFO and draws a bar on stdout
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    finally:
+        nncf_log.setLevel(level)
+
+
+def _open_at(component: Any, options: Mapping[str, Any], precision: str) -> OpenVinoEngine:
+    config = compile_config(precision, options.get("threads"), options.get("streams"),
                             options.get("hint", "latency"), options.get("cache_dir"))
     return OpenVinoEngine(component.name, component.graph, component.spec.inputs, component.spec.outputs, config,
-                          options.get("initializer_overrides"))
+                          options.get("initializer_overrides"), int8_weights=precision == "int8")
+
+
+def auto_precision(component: Any, options: Mapping[str, Any]) -> precision_probe.Choice:
+    """``precision='auto'`` for one component: the cached choice for this machine, else measured now and cached."""
+    import openvino as ov
+
+    candidates = precision_probe.offered(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    feeds = precision_probe.sample_feeds(component.spec.inputs, component.profile)
+
+    def measure() -> precision_probe.Choice:
+        log.info("%s: measuring precisions f32, %s once for this machine", component.name, ", ".join(candidates))
+        return precision_probe.choose(lambda p: _open_at(component, options, p), candidates, feeds)
+
+    machine = precision_probe.machine_key(ov.__version__)
+    return precision_probe.cached_choice(machine, str(component.record.get("key", component.graph)), measure)
+
+
+def open_component(component: Any, options: Mapping[str, Any]) -> OpenVinoEngine:
+    """The openvino backend's engine for one component (``ComponentFiles``) of a compiled folder."""
+    precision = options.get("precision", "f32")
+    if precision == "auto":
+        choice = auto_precision(component, options)
+        log.info("%s: precision auto -> %s", component.name, choice.describe())
+        precision = choice.precision
+    engine = _open_at(component, options, precision)
+    engine.precision = precision
+    return engine
 
 
 def probe(device: int = 0) -> BackendStatus:
@@ -124,7 +178,13 @@ def probe(device: int = 0) -> BackendStatus:
         import openvino as ov
     except ImportError as exc:
         return BackendStatus(False, f"openvino is not importable ({exc})")
-    return BackendStatus(True, "devices " + ", ".join(ov.Core().available_devices), ov.__version__)
+    core = ov.Core()
+    reduced = precision_probe.offered(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    chosen = precision_probe.read_cache().get(precision_probe.machine_key(ov.__version__), {})
+    picks = sorted({entry.get("precision", "?") for entry in chosen.values() if isinstance(entry, dict)})
+    detail = (f"devices {', '.join(core.available_devices)}; precisions f32{''.join(', ' + p for p in reduced)}; "
+              f"auto cache: {len(chosen)} component(s) measured here" + (f" ({', '.join(picks)})" if picks else ""))
+    return BackendStatus(True, detail, ov.__version__)
 
 
 BACKEND = register_backend(Backend(
