@@ -1,4 +1,4 @@
-"""Fused attention and the memory arena on ONNX Runtime CPU, against diffusers' torch module, interleaved.
+"""Fused attention, the memory arena and OpenVINO precisions on the CPU, against diffusers' torch module, interleaved.
 
     python benchmarks/bench_attention.py                                  # tiny-sd15 UNet (seconds)
     python benchmarks/bench_attention.py --model sd15 --size 512          # full SD 1.5 UNet, batch 2 (one CFG call)
@@ -6,7 +6,8 @@
 
 Variants: the folder's portable graph or its fused graph (attention as MultiHeadAttention) x the CPU memory arena
 (off, on, on with kSameAsRequested growth, on with shrinkage after every run), and the diffusers module in torch
-eager. Every variant runs in its own process (so its peak RSS is its own: load + calls), round after round in turn.
+eager; and OpenVINO on the portable graph at f32, bf16 and int8 weights. Every variant runs in its own process
+(so its peak RSS is its own: load + calls), round after round in turn.
 Appends JSON lines to benchmarks/results/attention.jsonl and prints a markdown table.
 """
 
@@ -30,11 +31,14 @@ from harness.memory import current_rss_mib, peak_rss_mib, reset_peak
 from harness.models import ensure_compiled, ensure_diffusers, folders_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# name -> (graph, arena): graph "portable" | "fused"; arena "off" | "on" | "same" (kSameAsRequested) | "shrink"
+# name -> (graph, arena): graph "portable" | "fused"; arena "off" | "on" | "same" (kSameAsRequested) | "shrink";
+# or ("openvino", precision): the portable graph on OpenVINO at that precision (int8: nncf-compressed weights)
 VARIANTS = {
     "portable, arena off": ("portable", "off"), "portable, arena on": ("portable", "on"),
     "fused, arena off": ("fused", "off"), "fused, arena on": ("fused", "on"),
     "fused, arena kSameAsRequested": ("fused", "same"), "fused, arena shrink per run": ("fused", "shrink"),
+    "openvino f32": ("openvino", "f32"), "openvino bf16": ("openvino", "bf16"),
+    "openvino int8": ("openvino", "int8"),
     "diffusers torch eager": ("torch", ""),
 }
 
@@ -62,6 +66,16 @@ def _ort_runner(folder: Path, component: Any, graph: str, arena: str) -> Any:
         return engine.session.run(names, {t.name: feeds[t.name] for t in component.inputs}, run_options)[0]
 
     return call
+
+
+def _openvino_runner(folder: Path, component: Any, precision: str) -> Any:
+    """A callable running the component's portable graph on OpenVINO at ``precision``."""
+    from sdexport.engines.openvino import OpenVinoEngine, compile_config
+
+    engine = OpenVinoEngine(component.name, folder / component.name / "model.onnx", component.inputs,
+                            component.outputs, compile_config(precision), int8_weights=precision == "int8")
+    name = component.outputs[0].name
+    return lambda feeds: engine.run(feeds)[name]
 
 
 def _torch_runner(diffusers_folder: Path, spec: Any, component: Any) -> Any:
@@ -95,8 +109,12 @@ def worker(args: argparse.Namespace) -> int:
     feeds = dict(np.load(args.feeds))
     t0 = time.perf_counter()
     graph, arena = VARIANTS[args.worker]
-    call = (_torch_runner(args.diffusers, spec, component) if graph == "torch"
-            else _ort_runner(args.folder, component, graph, arena))
+    if graph == "torch":
+        call = _torch_runner(args.diffusers, spec, component)
+    elif graph == "openvino":
+        call = _openvino_runner(args.folder, component, arena)
+    else:
+        call = _ort_runner(args.folder, component, graph, arena)
     load_s = time.perf_counter() - t0
     rss_loaded = current_rss_mib()
     reset_peak()  # the peak below is the calls' (on top of the loaded weights), not the load's transient
