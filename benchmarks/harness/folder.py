@@ -49,7 +49,7 @@ def folder_suite(folder: Path, steps: list[int], batches: list[int], size: tuple
     model, random_weights, local = source_of(folder)
     height, width = size or (manifest["shape_ranges"]["height"][1], manifest["shape_ranges"]["width"][1])
     cached = folders_for(model or folder.name, random_weights, compiled=folder)
-    folders = Folders(folder, local or cached.diffusers, cached.optimum)
+    folders = Folders(folder, local or cached.diffusers, cached.optimum, cached.optimum_openvino)
     cases = tuple(Case(model or folder.name, height, width, s, b) for b in batches for s in steps)
     suite = Suite(folder.name, model, random_weights, cases, warmups, repeats, (height,) * 3, (width,) * 3,
                   f"{folder} at {height}x{width}")

@@ -29,21 +29,23 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class Folders:
-    """The three folders holding one model's weights, one per kind of system."""
+    """The folders holding one model's weights, one per kind of system."""
 
     compiled: Path
     diffusers: Path
     optimum: Path
+    optimum_openvino: Path
 
     def as_paths(self) -> dict[str, str]:
         """The worker's ``paths`` mapping."""
-        return {"compiled": str(self.compiled), "diffusers": str(self.diffusers), "optimum": str(self.optimum)}
+        return {"compiled": str(self.compiled), "diffusers": str(self.diffusers), "optimum": str(self.optimum),
+                "optimum_openvino": str(self.optimum_openvino)}
 
 
 def folders_for(model: str, random_weights: bool, root: Path | None = None, compiled: Path | None = None) -> Folders:
     """The cache locations for ``model`` (``compiled`` given: an existing folder of ours)."""
     base = (root or cache_root()) / (model + ("-random" if random_weights else ""))
-    return Folders(compiled or base / "compiled", base / "diffusers", base / "optimum")
+    return Folders(compiled or base / "compiled", base / "diffusers", base / "optimum", base / "optimum-openvino")
 
 
 def _run(cmd: list[str], what: str, timeout: float) -> None:

@@ -1,4 +1,5 @@
-"""A private virtual environment for optimum's ONNX Runtime pipeline, whose pins conflict with ours."""
+"""Private virtual environments for the optimum peers (optimum-onnx on ONNX Runtime, optimum-intel on OpenVINO),
+whose pins conflict with ours: one venv per peer, built once and reused while its requirements stay the same."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ TORCH_PIN = "torch==2.13.0"
 """The CPU build on this machine's disk; an unpinned torch would pull a multi-GB CUDA build."""
 REQUIREMENTS = ("optimum-onnx[onnxruntime]==0.1.0", "diffusers<0.36", "transformers<4.58")
 """optimum-onnx 0.1.0 needs transformers<4.58 and optimum~=2.1; diffusers<0.36 matches that transformers."""
+INTEL_REQUIREMENTS = ("optimum-intel[openvino,diffusers]==2.2.0", "transformers<5.6", "torchvision")
+"""optimum-intel 2.2 needs transformers<5.6, openvino>=2026.0, nncf and torchvision (matched to the pinned torch)."""
+PEER_REQUIREMENTS = {"optimum-ort": REQUIREMENTS, "optimum-openvino": INTEL_REQUIREMENTS}
+"""The benchmarked system each venv is for -> what it installs (after the pinned torch)."""
 STAMP = ".sdexport-requirements"
 
 
@@ -27,9 +32,9 @@ class PeerUnavailable(RuntimeError):
     """A peer cannot run here; the message says why (it goes into the results table)."""
 
 
-def requirements_key() -> str:
+def requirements_key(requirements: Sequence[str] = REQUIREMENTS) -> str:
     """A hash of what the environment must contain; a changed pin rebuilds it."""
-    return hashlib.sha256("\n".join((sys.version, TORCH_PIN, *REQUIREMENTS)).encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join((sys.version, TORCH_PIN, *requirements)).encode()).hexdigest()[:16]
 
 
 def python_of(root: Path) -> Path:
@@ -47,21 +52,22 @@ def _pip(python: Path, args: Sequence[str], log_file: Path) -> None:
         raise PeerUnavailable(f"pip install {' '.join(args)} failed: {' / '.join(tail)} (log: {log_file})")
 
 
-def ensure_env(root: Path) -> Path:
-    """Create (once) the venv at ``root`` with torch pinned first, then optimum-onnx; returns its python."""
+def ensure_env(root: Path, requirements: Sequence[str] = REQUIREMENTS) -> Path:
+    """Create (once) the venv at ``root`` with torch pinned first, then ``requirements``; returns its python."""
     root = Path(root)
     python = python_of(root)
     stamp = root / STAMP
-    if python.exists() and stamp.exists() and stamp.read_text().strip() == requirements_key():
+    key = requirements_key(requirements)
+    if python.exists() and stamp.exists() and stamp.read_text().strip() == key:
         return python
-    log.warning("creating optimum's virtual environment in %s (one-off, a few minutes)", root)
+    log.warning("creating a peer's virtual environment in %s (one-off, a few minutes)", root)
     venv.EnvBuilder(with_pip=True, clear=True).create(root)
     constraints = root / "constraints.txt"
     constraints.write_text(TORCH_PIN + "\n")
     log_file = root / "pip.log"
     _pip(python, [TORCH_PIN], log_file)
-    _pip(python, ["-c", str(constraints), *REQUIREMENTS], log_file)
-    stamp.write_text(requirements_key() + "\n")
+    _pip(python, ["-c", str(constraints), *requirements], log_file)
+    stamp.write_text(key + "\n")
     return python
 
 
@@ -78,17 +84,19 @@ def venv_environ() -> dict[str, str]:
     return env
 
 
-def export_folder(python: Path, diffusers_folder: Path, out: Path, timeout: float) -> None:
-    """Export ``diffusers_folder`` with optimum into ``out`` (skipped when ``out`` has a model_index.json)."""
+def export_folder(python: Path, diffusers_folder: Path, out: Path, timeout: float,
+                  module: str = "harness.systems.optimum") -> None:
+    """Export ``diffusers_folder`` with an optimum peer (``python -m MODULE export``) into ``out`` (skipped when
+    ``out`` has a model_index.json)."""
     if (out / "model_index.json").exists():
         return
     tmp = out.with_name(out.name + ".partial")
-    cmd = [str(python), "-m", "harness.systems.optimum", "export", str(diffusers_folder), str(tmp)]
+    cmd = [str(python), "-m", module, "export", str(diffusers_folder), str(tmp)]
     try:
         done = subprocess.run(cmd, env=venv_environ(), capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
-        raise PeerUnavailable(f"optimum's ONNX export did not finish in {timeout:.0f} s") from exc
+        raise PeerUnavailable(f"{module} export did not finish in {timeout:.0f} s") from exc
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PeerUnavailable(f"optimum's ONNX export failed: {last[:300]}")
+        raise PeerUnavailable(f"{module} export failed: {last[:300]}")
     tmp.rename(out)

@@ -14,10 +14,10 @@ from harness import records
 from harness.cases import Suite
 from harness.environment import environment
 from harness.models import Folders, cache_root, ensure_compiled, ensure_diffusers
-from harness.optimum_env import PeerUnavailable, ensure_env, export_folder, venv_environ
+from harness.optimum_env import PEER_REQUIREMENTS, PeerUnavailable, ensure_env, export_folder, venv_environ
 from harness.runner import Context, run_suite
 from harness.sgemm import measure_ceiling
-from harness.systems import COMPILE, OPTIMUM, OURS, SYSTEM_NAMES, TORCH_SYSTEMS
+from harness.systems import COMPILE, OPTIMUM, OURS, SYSTEM_NAMES, TORCH_SYSTEMS, VENV_SYSTEMS
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,14 @@ def check_systems(systems: Sequence[str]) -> dict[str, str]:
     reasons: dict[str, str] = {}
     missing = torch_missing()
     for system in systems:
-        if system in (*TORCH_SYSTEMS, OPTIMUM) and missing:
-            reasons[system] = missing  # optimum's folder is exported from the torch weights too
+        if system in (*TORCH_SYSTEMS, *VENV_SYSTEMS) and missing:
+            reasons[system] = missing  # the optimum peers' folders are exported from the torch weights too
         elif system == COMPILE and shutil.which("g++") is None and shutil.which("c++") is None:
             reasons[system] = "torch.compile (inductor) needs a C++ compiler; none found"
     return reasons
 
 
-def prepare(suite: Suite, folders: Folders, ctx: Context, optimum_root: Path) -> None:
+def prepare(suite: Suite, folders: Folders, ctx: Context, venv_root: Path) -> None:
     """Build what the suite's systems need (once; cached); a peer whose preparation fails is marked unavailable."""
     ensure_compiled(suite.model, suite.random_weights, folders.compiled, suite.build_height, suite.build_width)
     peers = [s for s in ctx.systems if s != OURS and s not in ctx.unavailable]
@@ -52,14 +52,15 @@ def prepare(suite: Suite, folders: Folders, ctx: Context, optimum_root: Path) ->
     if not folders.diffusers.exists():
         ctx.progress(f"{suite.name}: saving the source weights as a diffusers folder")
     ensure_diffusers(suite.model, suite.random_weights, folders.diffusers)
-    if OPTIMUM in peers:
+    for system in (s for s in peers if s in VENV_SYSTEMS):
+        out = folders.optimum if system == OPTIMUM else folders.optimum_openvino
         try:
-            python = ensure_env(optimum_root)
-            ctx.progress(f"{suite.name}: optimum export (once)")
-            export_folder(python, folders.diffusers, folders.optimum, ctx.timeout)
-            ctx.pythons[OPTIMUM] = (str(python), venv_environ())
+            python = ensure_env(venv_root / f"{system}-venv", PEER_REQUIREMENTS[system])
+            ctx.progress(f"{suite.name}: {system} export (once)")
+            export_folder(python, folders.diffusers, out, ctx.timeout, VENV_SYSTEMS[system])
+            ctx.pythons[system] = (str(python), venv_environ())
         except (PeerUnavailable, OSError) as exc:
-            ctx.unavailable[OPTIMUM] = str(exc)
+            ctx.unavailable[system] = str(exc)
 
 
 def run(plans: Sequence[tuple[Suite, Folders]], systems: Sequence[str], out: Path, sgemm: bool = True,
@@ -79,7 +80,7 @@ def run(plans: Sequence[tuple[Suite, Folders]], systems: Sequence[str], out: Pat
         if previous:
             ctx.sgemm_gflops = max(previous, key=lambda r: r["time"])["ceiling_gflops"]
     for suite, folders in plans:
-        prepare(suite, folders, ctx, cache_root() / "optimum-venv")
+        prepare(suite, folders, ctx, cache_root())
         suite_lines = run_suite(suite, folders, ctx)
         records.append(out, suite_lines)
         lines.extend(suite_lines)

@@ -14,7 +14,10 @@ OURS = "sdexport"
 EAGER = "diffusers-eager"
 COMPILE = "diffusers-compile"
 OPTIMUM = "optimum-ort"
-SYSTEM_NAMES = (OURS, EAGER, COMPILE, OPTIMUM)
+OPTIMUM_OV = "optimum-openvino"
+SYSTEM_NAMES = (OURS, EAGER, COMPILE, OPTIMUM, OPTIMUM_OV)
+VENV_SYSTEMS = {OPTIMUM: "harness.systems.optimum", OPTIMUM_OV: "harness.systems.optimum_intel"}
+"""Peers that run in a virtual environment of their own -> the module that exports their folder."""
 TORCH_SYSTEMS = (EAGER, COMPILE)
 """Systems that need torch and diffusers in the benchmarking interpreter."""
 
@@ -32,7 +35,7 @@ class Runner(Protocol):
 
 
 def open_runner(system: str, paths: Mapping[str, str], options: Mapping[str, Any] | None = None) -> Runner:
-    """Load ``system`` from the folders in ``paths`` (compiled / diffusers / optimum)."""
+    """Load ``system`` from the folders in ``paths`` (compiled / diffusers / optimum / optimum_openvino)."""
     options = dict(options or {})
     if system == OURS:
         from harness.systems.ours import OursRunner
@@ -46,4 +49,8 @@ def open_runner(system: str, paths: Mapping[str, str], options: Mapping[str, Any
         from harness.systems.optimum import load_optimum
 
         return load_optimum(paths["optimum"])
+    if system == OPTIMUM_OV:
+        from harness.systems.optimum_intel import load_optimum_intel
+
+        return load_optimum_intel(paths["optimum_openvino"])
     raise ValueError(f"unknown system {system!r}; choose from {SYSTEM_NAMES}")
