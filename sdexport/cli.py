@@ -103,16 +103,27 @@ def _add_backend_choice(p: argparse.ArgumentParser) -> None:
                    help="; ".join(f"{name}: {b.help}" for name, b in found.items()))
 
 
-def _option_dest(backend: Backend, option: Option) -> str:
-    return f"backend:{backend.name}:{option.name}"
+def _option_dest(backend: Backend, option: Option, stage: str = "build") -> str:
+    return f"backend:{stage}:{backend.name}:{option.name}"
 
 
-def _add_backend_options(group: argparse._ArgumentGroup, backend: Backend) -> None:
-    """One flag per build option the backend declares (type, default, choices and help from its Option)."""
-    for option in backend.build_options:
+def _load_flag(backend: Backend, option: Option) -> str:
+    """``sdexport run``'s spelling of a load option: prefixed by the backend (``--openvino-precision``)."""
+    return f"--{backend.name}-{option.name.replace('_', '-')}"
+
+
+def _run_load_options(backend: Backend) -> list[Option]:
+    """The load options ``sdexport run`` has flags for: those with ``cli``, except threads (``--threads``)."""
+    return [o for o in backend.load_options if o.cli and o.name != "threads"]
+
+
+def _add_backend_options(group: argparse._ArgumentGroup, backend: Backend, stage: str = "build") -> None:
+    """One flag per build (or, for run, load) option the backend declares (type, default, choices, help)."""
+    options = backend.build_options if stage == "build" else _run_load_options(backend)
+    for option in options:
         if not option.cli:
             continue
-        kwargs: dict[str, Any] = {"dest": _option_dest(backend, option), "help": option.help}
+        kwargs: dict[str, Any] = {"dest": _option_dest(backend, option, stage), "help": option.help}
         if option.kind == "switch":
             kwargs.update(action=argparse.BooleanOptionalAction if option.default else "store_true",
                           default=bool(option.default))
@@ -125,12 +136,21 @@ def _add_backend_options(group: argparse._ArgumentGroup, backend: Backend) -> No
                 kwargs.update(action="append", default=list(option.default or []))
             elif option.kind == "many":
                 kwargs["nargs"] = "+"
-        group.add_argument(option.cli_flag, **kwargs)
+        group.add_argument(option.cli_flag if stage == "build" else _load_flag(backend, option), **kwargs)
 
 
 def _backend_values(args: argparse.Namespace, backend: Backend) -> dict[str, Any]:
     """The build option values of ``backend`` from parsed arguments (options without a flag keep their default)."""
     return {o.name: getattr(args, _option_dest(backend, o)) for o in backend.build_options if o.cli}
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``sdexport run``'s engine options for the chosen backend: --threads and its --BACKEND-OPTION flags."""
+    backend = backends()[args.backend]
+    values = {o.name: getattr(args, _option_dest(backend, o, "load")) for o in _run_load_options(backend)}
+    if args.threads:
+        values["threads"] = args.threads
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -148,7 +168,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("out.png"),
                    help="PNG (several images: out-0.png, out-1.png, ...) or .npy to save the latents")
     _add_backend_choice(p)
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=int, help="intra-op threads of the backend (ONNX Runtime, OpenVINO)")
+    for backend in backends().values():
+        if _run_load_options(backend):
+            _add_backend_options(p.add_argument_group(f"{backend.label} (with --backend {backend.name})"), backend,
+                                 "load")
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster start)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -219,8 +243,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     request = GenerationArgs(**{name: getattr(args, name) for name in cli_fields()},
                              output_type="latent" if latent_out else "pil",
                              callback=_progress_bar(not (args.no_progress or args.quiet)))
-    options = {"threads": args.threads} if args.threads else {}
-    pipe = Pipeline.load(args.folder, backend=args.backend, verify=not args.no_verify, engine_options=options)
+    pipe = Pipeline.load(args.folder, backend=args.backend, verify=not args.no_verify,
+                         engine_options=_engine_options(args))
     result = pipe.generate(request)
     if latent_out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -157,3 +157,20 @@ def test_auto_measures_each_component_once_then_reads_the_cache(tiny_folder: Cal
     _, again = _images(folder, "auto")
     assert {name: engine.precision for name, engine in again.engines.items()} == picked
     assert "auto cache: 4 component(s)" in ov_backend.probe().detail
+
+
+def test_run_takes_the_openvino_precision_flag(tiny_folder: Callable[[str], Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sdexport.cli import main
+
+    folder = tiny_folder("demo")
+    pictures = {}
+    for precision in ("f32", "int8"):
+        out = tmp_path / f"{precision}.png"
+        assert main(["run", str(folder), "--prompt", PROMPT, "--steps", "4", "--seed", "3", "--backend", "openvino",
+                     "--openvino-precision", precision, "--out", str(out), "--no-progress"]) == 0
+        pictures[precision] = np.asarray(Image.open(out), dtype=np.float64)
+    ref, _ = _images(folder, "f32")
+    assert np.array_equal(pictures["f32"], ref[0])  # the flag reached the engines: f32 is the library's f32
+    assert not np.array_equal(pictures["int8"], pictures["f32"])
