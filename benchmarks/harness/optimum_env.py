@@ -21,10 +21,14 @@ TORCH_PIN = "torch==2.13.0"
 """The CPU build on this machine's disk; an unpinned torch would pull a multi-GB CUDA build."""
 REQUIREMENTS = ("optimum-onnx[onnxruntime]==0.1.0", "diffusers<0.36", "transformers<4.58")
 """optimum-onnx 0.1.0 needs transformers<4.58 and optimum~=2.1; diffusers<0.36 matches that transformers."""
-INTEL_REQUIREMENTS = ("optimum-intel[openvino,diffusers]==2.2.0", "transformers<5.6", "torchvision")
-"""optimum-intel 2.2 needs transformers<5.6, openvino>=2026.0, nncf and torchvision (matched to the pinned torch)."""
+INTEL_REQUIREMENTS = ("optimum-intel[openvino,diffusers]==2.2.0", "transformers<5.6")
+"""optimum-intel 2.2 needs transformers<5.6, openvino>=2026.0 and nncf."""
 PEER_REQUIREMENTS = {"optimum-ort": REQUIREMENTS, "optimum-openvino": INTEL_REQUIREMENTS}
 """The benchmarked system each venv is for -> what it installs (after the pinned torch)."""
+PEER_REMOVALS = {"optimum-openvino": ("torchvision",)}
+"""Uninstalled after the install: optimum-intel pulls torchvision, whose index wheel does not match the pinned CPU
+torch (``operator torchvision::nms does not exist``), and transformers imports it whenever it is present; the
+diffusion pipelines never need it."""
 STAMP = ".sdexport-requirements"
 
 
@@ -52,12 +56,13 @@ def _pip(python: Path, args: Sequence[str], log_file: Path) -> None:
         raise PeerUnavailable(f"pip install {' '.join(args)} failed: {' / '.join(tail)} (log: {log_file})")
 
 
-def ensure_env(root: Path, requirements: Sequence[str] = REQUIREMENTS) -> Path:
-    """Create (once) the venv at ``root`` with torch pinned first, then ``requirements``; returns its python."""
+def ensure_env(root: Path, requirements: Sequence[str] = REQUIREMENTS, remove: Sequence[str] = ()) -> Path:
+    """Create (once) the venv at ``root`` with torch pinned first, then ``requirements``, then uninstall
+    ``remove``; returns its python."""
     root = Path(root)
     python = python_of(root)
     stamp = root / STAMP
-    key = requirements_key(requirements)
+    key = requirements_key((*requirements, *(f"-{name}" for name in remove)))
     if python.exists() and stamp.exists() and stamp.read_text().strip() == key:
         return python
     log.warning("creating a peer's virtual environment in %s (one-off, a few minutes)", root)
@@ -67,6 +72,8 @@ def ensure_env(root: Path, requirements: Sequence[str] = REQUIREMENTS) -> Path:
     log_file = root / "pip.log"
     _pip(python, [TORCH_PIN], log_file)
     _pip(python, ["-c", str(constraints), *requirements], log_file)
+    if remove:
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", *remove], capture_output=True, check=False)
     stamp.write_text(key + "\n")
     return python
 

@@ -9,10 +9,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.systems import SYSTEM_NAMES
+
 SCHEMA = "sdexport-bench/1"
 KINDS = ("latency", "sgemm", "flops", "ort_tuning")
 STATUSES = ("ok", "failed", "skipped")
-SYSTEMS = ("sdexport", "diffusers-eager", "diffusers-compile", "optimum-ort")
+SYSTEMS = SYSTEM_NAMES
 CASE_FIELDS = {"model": str, "family": str, "backend": str, "precision": str, "height": int, "width": int,
                "steps": int, "batch": int, "guidance_scale": float, "scheduler": str}
 LATENCY_METRICS = ("load_s", "first_s", "e2e_s", "images_per_s", "peak_rss_mib")

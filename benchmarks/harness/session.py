@@ -14,7 +14,14 @@ from harness import records
 from harness.cases import Suite
 from harness.environment import environment
 from harness.models import Folders, cache_root, ensure_compiled, ensure_diffusers
-from harness.optimum_env import PEER_REQUIREMENTS, PeerUnavailable, ensure_env, export_folder, venv_environ
+from harness.optimum_env import (
+    PEER_REMOVALS,
+    PEER_REQUIREMENTS,
+    PeerUnavailable,
+    ensure_env,
+    export_folder,
+    venv_environ,
+)
 from harness.runner import Context, run_suite
 from harness.sgemm import measure_ceiling
 from harness.systems import COMPILE, OPTIMUM, OURS, SYSTEM_NAMES, TORCH_SYSTEMS, VENV_SYSTEMS
@@ -55,7 +62,8 @@ def prepare(suite: Suite, folders: Folders, ctx: Context, venv_root: Path) -> No
     for system in (s for s in peers if s in VENV_SYSTEMS):
         out = folders.optimum if system == OPTIMUM else folders.optimum_openvino
         try:
-            python = ensure_env(venv_root / f"{system}-venv", PEER_REQUIREMENTS[system])
+            python = ensure_env(venv_root / f"{system}-venv", PEER_REQUIREMENTS[system],
+                                PEER_REMOVALS.get(system, ()))
             ctx.progress(f"{suite.name}: {system} export (once)")
             export_folder(python, folders.diffusers, out, ctx.timeout, VENV_SYSTEMS[system])
             ctx.pythons[system] = (str(python), venv_environ())
