@@ -92,7 +92,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if config.dry_run:
-        print("\n".join([*summary.plan, summary.text()]))
+        print(summary.plan_text())
     elif not args.quiet:
         print(summary.text(), file=sys.stderr)
     return 0

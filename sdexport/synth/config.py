@@ -64,6 +64,12 @@ class Summary:
         """Images written per second of wall time."""
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
+    def plan_text(self) -> str:
+        """The ``--dry-run`` report: one line per group of batches, then the totals."""
+        totals = (f"{self.rows} rows ({self.bad_rows} bad), {self.images} images planned, {self.already_done} "
+                  f"already done, {self.images - self.already_done} to make")
+        return "\n".join([*self.plan, totals])
+
     def text(self) -> str:
         """A one-line report."""
         return (f"{self.rows} rows ({self.bad_rows} bad), {self.images} images planned, {self.already_done} already "
