@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,3 +99,43 @@ def test_fail_fast_stops_at_the_first_bad_row(tiny_folder: Callable[[str], Path]
         synthesize(SynthConfig(tiny_folder("tiny-sd15"), tmp_path / "p.txt", tmp_path / "o"))
     with pytest.raises(SynthError, match=r"batch=9 is not allowed: .* built for 1\.\.4 images per call"):
         synthesize(SynthConfig(tiny_folder("tiny-sd15"), table, tmp_path / "o", batch=9))
+
+
+def test_a_failed_batch_is_reported_per_row_and_the_run_goes_on(tiny_folder: Callable[[str], Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdexport.runtime.result import RequestError
+    from sdexport.synth import run
+
+    def flaky(pipe: Any, batch: Any) -> Any:
+        if any("fails" in item.job.prompt for item in batch.items):
+            raise RequestError("prompt rejected by the test")
+        return real(pipe, batch)
+
+    real = run.run_batch
+    monkeypatch.setattr(run, "run_batch", flaky)
+    table = write_table(tmp_path / "p.jsonl", [{"prompt": "a cat"}, {"prompt": "this fails", "width": 32},
+                                               {"prompt": "a dog"}])
+    config = SynthConfig(tiny_folder("tiny-sd15"), table, tmp_path / "out", defaults=Defaults(steps=2))
+    summary = synthesize(config)
+    assert (summary.written, summary.failed, summary.bad_rows) == (2, 1, 1)
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert errors == [{"row": 2, "id": "row000002", "error": "generation failed: prompt rejected by the test"}]
+    with pytest.raises(SynthError, match="row 2: generation failed"):
+        synthesize(SynthConfig(tiny_folder("tiny-sd15"), table, tmp_path / "out2", fail_fast=True,
+                               defaults=Defaults(steps=2)))
+
+
+def test_synth_runs_with_torch_diffusers_transformers_onnx_blocked(tiny_folder: Callable[[str], Path],
+                                                                  tmp_path: Path) -> None:
+    from test_runtime_loading import BLOCKER
+
+    table = write_table(tmp_path / "p.csv", [{"prompt": "a cat"}, {"prompt": "a dog", "seed": "3"}])
+    argv = ["synth", str(tiny_folder("tiny-sd15")), "--prompts", str(table), "--out", str(tmp_path / "out"),
+            "--steps", "2", "--format", "webdataset", "-q"]
+    code = BLOCKER + ("from sdexport.cli import main\n"
+                      f"code = main({argv!r})\n"
+                      "print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0, []]
+    assert len(metadata(tmp_path / "out")) == 2
