@@ -88,6 +88,7 @@ def measure(folder: Path, work: Path, args: argparse.Namespace) -> list[dict[str
     options = {"threads": args.threads} if args.threads else {}
 
     def config(name: str, **kw: Any) -> SynthConfig:
+        """The synth run writing into ``work/name``."""
         return SynthConfig(folder, table, work / name, batch=args.batch, defaults=Defaults(steps=args.steps),
                            engine_options=options, **kw)
 

@@ -81,6 +81,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     bar = tqdm(desc="synth", unit="img", file=sys.stderr, dynamic_ncols=True, disable=not show)
 
     def progress(done: int, total: int) -> None:
+        """Move the bar to ``done`` of ``total`` images."""
         if bar.total != total:
             bar.reset(total=total)
             bar.update(done)
