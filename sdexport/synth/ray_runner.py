@@ -13,13 +13,16 @@ import os
 import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdexport.synth.config import RayOptions
 from sdexport.synth.generate import GENERATION_ERRORS, Failure, encode, run_batch
 from sdexport.synth.plan import Batch
 from sdexport.synth.sinks import ImageFolderSink
 from sdexport.synth.table import SynthError
+
+if TYPE_CHECKING:
+    from sdexport.synth.run import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +87,11 @@ def _workers(options: RayOptions) -> int:
     return 1
 
 
-def run_on_ray(prep: Any, batches: list[Batch], put: Callable[[Any], None]) -> None:
+def run_on_ray(prep: Prepared, batches: list[Batch], put: Callable[[Any], None]) -> None:
     """Generate ``batches`` on Ray Data and hand every result to ``put`` (the driver's writer thread), in order."""
-    options: RayOptions = prep.config.ray
+    options = prep.config.ray
+    if options is None:
+        raise ValueError("run_on_ray needs a config with ray options (SynthConfig.ray)")
     started = _connect(options)
     try:
         import ray
