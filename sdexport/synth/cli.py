@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sdexport.engines import backends
 from sdexport.runtime.args import DEFAULTS
 from sdexport.synth.rows import TASKS
 from sdexport.synth.sinks import FORMATS
@@ -44,7 +45,8 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
     defaults.add_argument("--scheduler", help="scheduler class name or alias (default: the folder's)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first bad row or failed batch")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what is already done; generate nothing")
-    p.add_argument("--backend", default="onnxruntime", help="engine backend (see sdexport run --help)")
+    p.add_argument("--backend", choices=list(backends()), default="onnxruntime",
+                   help="engine backend (sdexport doctor lists them)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("--no-verify", action="store_true", help="check the folder's file sizes only, not sha256")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

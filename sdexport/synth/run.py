@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 """``progress(images_done, images_total)`` after every durable image (images from earlier runs count as done)."""
 
+
 @dataclass
 class Prepared:
     """A run ready to go: the checked jobs and errors, the plan, the sink and what is already done."""
@@ -53,8 +54,8 @@ def _check_config(config: SynthConfig, ranges: ShapeRanges) -> int:
             raise SynthError(f"{name}={getattr(config, name)!r} is not allowed; it must be >= 1")
     low, opt, high = ranges.batch
     batch = opt if config.batch is None else config.batch
-    if not 1 <= batch <= high:
-        raise SynthError(f"batch={batch} is not allowed: {config.folder} was built for 1..{high} images per call "
+    if not low <= batch <= high:
+        raise SynthError(f"batch={batch} is not allowed: {config.folder} was built for {low}..{high} images per call "
                          f"(batch range {tuple(ranges.batch)})")
     return batch
 
