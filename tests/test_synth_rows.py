@@ -139,3 +139,24 @@ def test_synth_runs_with_torch_diffusers_transformers_onnx_blocked(tiny_folder: 
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0, []]
     assert len(metadata(tmp_path / "out")) == 2
+
+
+def test_writer_thread_keeps_order_and_surfaces_its_errors() -> None:
+    from sdexport.synth.writer import WriterThread
+
+    seen: list[int] = []
+    writer = WriterThread(seen.append, depth=2)
+    for number in range(50):
+        writer.put(number)
+    writer.close()
+    assert seen == list(range(50))
+
+    def broken(number: int) -> None:
+        if number == 3:
+            raise OSError("disk full")
+
+    writer = WriterThread(broken, depth=1)
+    with pytest.raises(OSError, match="disk full"):
+        for number in range(100):
+            writer.put(number)
+        writer.close()
