@@ -40,8 +40,10 @@ def test_inpaint_rows_give_object_removal_pairs(tiny_folder: Callable[[str], Pat
         assert all(Image.open(p).size == (48, 48) for p in files.values())
         direct = pipe(row["prompt"], image=picture, mask_image=Image.open(tmp_path / row["mask"]), width=48,
                       height=48, num_inference_steps=3, seed=[record["seed"]], output_type="np").images[0]
-        # tolerance: 0 levels of 255 (lossless PNG, per-image noise streams)
-        assert np.array_equal(np.asarray(Image.open(files["file_name"]).convert("RGB")), direct)
+        made = np.asarray(Image.open(files["file_name"]).convert("RGB"))
+        # tolerance: 1 level of 255 on < 1% of the values (lossless PNG, per-image noise streams; only batch-size-
+        # dependent float32 kernels may differ)
+        assert np.abs(made.astype(int) - direct).max() <= 1 and (made != direct).mean() < 0.01
     datasets = pytest.importorskip("datasets")
     data = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
     assert {"image", "original", "mask", "prompt"} <= set(data.column_names) and data.num_rows == 2

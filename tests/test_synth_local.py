@@ -75,8 +75,9 @@ def test_images_equal_direct_pipeline_calls_with_the_recorded_seeds(run: dict[st
         direct = pipe(record["prompt"], seed=[record["seed"]], num_inference_steps=STEPS, width=record["width"],
                       height=record["height"], output_type="np").images[0]
         made = np.asarray(Image.open(run["out"] / "train" / record["file_name"]).convert("RGB"))
-        # tolerance: 0 levels of 255. PNG is lossless and a batch draws every image from its own seed's stream
-        assert np.array_equal(made, direct), record["key"]
+        # tolerance: 1 level of 255 on < 1% of the values. PNG is lossless and every image draws from its own seed's
+        # stream; only ONNX Runtime's batch-size-dependent float32 kernels may differ (equal on the CI CPU)
+        assert np.abs(made.astype(int) - direct).max() <= 1 and (made != direct).mean() < 0.01, record["key"]
 
 
 def test_datasets_loads_the_output_as_an_imagefolder(run: dict[str, Any]) -> None:
