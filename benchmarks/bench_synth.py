@@ -144,7 +144,9 @@ def main() -> None:
     run_id, env = new_run_id(), environment()
     with tempfile.TemporaryDirectory(dir=args.work if args.work.is_dir() else None) as scratch:
         rows = measure(folder, Path(scratch), args)
-    common = {"run_id": run_id, "env": env, "folder": folder.name, "rows": args.rows, "size": args.size,
+    source = json.loads((folder / "manifest.json").read_text()).get("source", {})
+    label = f"{source.get('id', folder.name)}{'-random' if source.get('kind') == 'random' else ''}-{args.size}"
+    common = {"run_id": run_id, "env": env, "folder": label, "rows": args.rows, "size": args.size,
               "steps": args.steps}
     rows = [{**common, **row, "images_per_s": row["images"] / row["seconds"]} for row in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -89,8 +90,6 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 def _tar_hashes(path: Path) -> dict[str, tuple[int, str]]:
     """Member name -> (end offset, sha256) of every complete member of a possibly truncated tar."""
-    import hashlib
-
     size = path.stat().st_size
     found: dict[str, tuple[int, str]] = {}
     with contextlib.suppress(tarfile.TarError, EOFError, OSError), tarfile.open(path, "r:") as tar:
