@@ -14,12 +14,13 @@ from sdexport import __version__
 from sdexport.engines import Backend, Option, backends, get_backend
 from sdexport.errors import SdexportError, UsageError
 from sdexport.specs import PRESETS
+from sdexport.synth.cli import add_synth_parser, cmd_synth
 
 log = logging.getLogger("sdexport")
 
 EXIT_CODES = {0: "success", 1: "error: an invalid request, an unusable folder or model, a failed build or check "
               "(doctor: FOLDER cannot run here)", 2: "usage error: an unknown flag or a value that is not allowed",
-              130: "interrupted (Ctrl-C); run the same command again to resume a build"}
+              130: "interrupted (Ctrl-C); run the same command again to resume a build or a synth run"}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -298,6 +299,7 @@ def parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_parity(sub)
     _add_doctor(sub)
+    add_synth_parser(sub)
     return ap
 
 
@@ -362,6 +364,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "build": _cmd_build, "info": _cmd_info, "run": _cmd_run, "parity": _cmd_parity, "doctor": _cmd_doctor,
+    "synth": cmd_synth,
 }
 
 
