@@ -79,6 +79,8 @@ def _split_source(g: _Graph, name: str, perm: list[int]) -> tuple[str, int] | No
     """Walk back through Transposes to a head-split Reshape; (its input, heads) if the transposes compose to perm."""
     composed = list(range(4))
     while (node := g.op(name, "Transpose")) is not None:
+        if len(_perm(node)) != 4:
+            return None  # not a head split (e.g. a custom processor's [batch * heads, sequence, d] layout)
         composed = [_perm(node)[i] for i in composed]
         name = node.input[0]
     reshape = g.op(name, "Reshape")

@@ -9,6 +9,7 @@ pipeline reuses a finished build and any change rebuilds.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import json
@@ -65,18 +66,24 @@ def memory_configs(model: Any, parts: Mapping[str, Any]) -> dict[str, Any]:
     configs["scheduler"] = _plain(parts["scheduler"].config)
     configs["scheduler"].setdefault("_class_name", type(parts["scheduler"]).__name__)
     pipeline_config = getattr(model, "config", {}) if not isinstance(model, Mapping) else model
-    index = {"_class_name": type(model).__name__}
+    index = {"_class_name": type(model).__name__} if hasattr(model, "components") else {}
     index.update({k: pipeline_config[k] for k in _PIPELINE_KEYS if k in pipeline_config})
     configs["model_index"] = index
     return configs
 
 
+@functools.cache
+def _class_code(cls: type) -> str:
+    """sha256 of a class's source code ("unavailable" when Python cannot show it)."""
+    try:
+        return hashlib.sha256(inspect.getsource(cls).encode()).hexdigest()
+    except (OSError, TypeError):
+        return "unavailable"
+
+
 def _processor_digest(processor: Any) -> dict[str, Any]:
     """A processor's class, the hash of its source code, and its simple attributes (temperature, scale, ...)."""
-    try:
-        code = hashlib.sha256(inspect.getsource(type(processor)).encode()).hexdigest()
-    except (OSError, TypeError):
-        code = "unavailable"
+    code = _class_code(type(processor))
     attrs = {k: repr(v) for k, v in sorted(vars(processor).items())
              if isinstance(v, int | float | str | bool | tuple | list | type(None))}
     return {"class": class_path(processor), "code": code, "attrs": attrs}
