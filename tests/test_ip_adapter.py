@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from fakes.parity import IMAGE_ATOL, LATENT_ATOL
+from sdexport.cli import main
 from sdexport.errors import SourceError
 from sdexport.export.build import BuildConfig, build
 from sdexport.export.ip_adapter import write_random_ip_adapter
@@ -140,7 +141,8 @@ def test_image_prompt_on_a_plain_folder_is_refused(setup: dict[str, Any], tiny_p
         tiny_pipe(PRESET)(prompt="a red circle", ip_adapter_image=setup["picture"], num_inference_steps=2)
 
 
-def test_adapter_for_another_family_or_without_encoder_is_refused(setup: dict[str, Any], tmp_path: Path) -> None:
+def test_adapter_for_another_family_or_without_encoder_is_refused(setup: dict[str, Any], tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     xl_unet = load_source(inspect_source("tiny-sdxl"), modules=frozenset({"unet"})).pipe.unet
     other = write_random_ip_adapter(tmp_path / "xl", xl_unet, VISION, seed=1)
     with pytest.raises(SourceError, match="cross-attends to 32"):
@@ -148,5 +150,6 @@ def test_adapter_for_another_family_or_without_encoder_is_refused(setup: dict[st
     lonely = tmp_path / "lonely" / "ip-adapter.safetensors"
     lonely.parent.mkdir()
     lonely.write_bytes(setup["weights"].read_bytes())
-    with pytest.raises(SourceError, match="no image encoder"):
-        build(BuildConfig(model=PRESET, out=tmp_path / "out", ip_adapter=lonely))
+    code = main(["build", "--model", PRESET, "--out", str(tmp_path / "out"), "--ip-adapter", str(lonely)])
+    assert code == 1
+    assert "no image encoder" in capsys.readouterr().err

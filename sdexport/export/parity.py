@@ -56,6 +56,9 @@ def load_oracle(manifest: Mapping[str, Any]) -> Any:
     from sdexport.export.lora import LoraSpec, fuse_loras
 
     source = manifest["source"]
+    if source["kind"] == "memory":
+        raise SourceError("this folder was built from an in-memory pipeline, which cannot be reloaded from disk; "
+                          "compare it from Python (sdexport.export.parity.end_to_end_parity with that pipeline)")
     model = source.get("path") or source["id"]
     try:
         info = inspect_source(model, random_weights=source["kind"] == "random")
@@ -67,6 +70,10 @@ def load_oracle(manifest: Mapping[str, Any]) -> Any:
     loras = [LoraSpec(Path(r["path"]), r["weight"]) for r in manifest.get("loras", [])]
     if loras:
         fuse_loras(loaded.pipe, loras)
+    if "ip_adapter" in source:
+        from sdexport.export.ip_adapter import load_into
+
+        load_into(loaded.pipe, source["ip_adapter"]["path"])
     return loaded
 
 
