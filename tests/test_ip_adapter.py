@@ -97,6 +97,15 @@ def test_folder_records_the_adapter_and_takes_the_scale_as_an_input(setup: dict[
     assert [i.name for i in graph.graph.input][-2:] == ["image_embeds", "ip_adapter_scale"]
 
 
+def test_parity_command_reloads_the_adapter(setup: dict[str, Any]) -> None:
+    from sdexport.export.parity import run_parity
+
+    report = run_parity(setup["folder"], steps=2)
+    assert max(report.components["image_encoder"].values()) <= 1e-4  # fp32 graph vs torch, the build's tolerance
+    for task, diffs in report.end_to_end.items():
+        assert diffs["latents"] <= LATENT_ATOL and diffs["image"] <= IMAGE_ATOL, (task, diffs)
+
+
 def test_rebuild_with_the_same_adapter_reuses_everything(setup: dict[str, Any]) -> None:
     again = build(BuildConfig(model=PRESET, out=setup["folder"], ip_adapter=setup["weights"]))
     assert again.up_to_date

@@ -12,6 +12,7 @@ import numpy as np
 
 from sdexport.errors import SourceError
 from sdexport.specs import ModelSpec, ShapeRanges
+from sdexport.specs.ip_adapter import has_ip_adapter
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ def end_to_end_parity(pipe: Any, source: Any, task: str, steps: int = 4, seed: i
         task, height, width)}
     if task != "img2img":
         common.update(height=height, width=width)
+    if has_ip_adapter(pipe.spec):  # diffusers' UNet then needs image embeds: give both sides an image prompt
+        common["ip_adapter_image"] = _task_inputs("img2img", height, width)["image"]
     results: dict[str, np.ndarray] = {}
     for output in ("latent", "np"):
         ref = oracle(**common, generator=torch_generators([seed]), output_type=output).images
