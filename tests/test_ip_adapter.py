@@ -29,9 +29,9 @@ VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_att
 EXACT = 1e-6  # the same graph with the adapter's branch scaled by 0 vs the plain graph: float noise only
 
 
-def _ip_source(weights: Path, lora: Path | None = None) -> Any:
-    """The oracle: a fresh tiny SD 1.5 source with the adapter loaded by diffusers (and a LoRA fused first)."""
-    pipe = load_source(inspect_source(PRESET)).pipe
+def _ip_source(weights: Path, lora: Path | None = None, preset: str = PRESET) -> Any:
+    """The oracle: a fresh tiny source with the adapter loaded by diffusers (and a LoRA fused first)."""
+    pipe = load_source(inspect_source(preset)).pipe
     if lora is not None:
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
         pipe.fuse_lora(components=["unet"], lora_scale=1.0)
@@ -40,16 +40,20 @@ def _ip_source(weights: Path, lora: Path | None = None) -> Any:
     return pipe
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("ip-adapter")
-    unet = load_source(inspect_source(PRESET), modules=frozenset({"unet"})).pipe.unet
+def _adapted(preset: str, root: Path) -> dict[str, Any]:
+    """A random adapter for ``preset``, the folder built with it, its Pipeline, the diffusers oracle, a picture."""
+    unet = load_source(inspect_source(preset), modules=frozenset({"unet"})).pipe.unet
     weights = write_random_ip_adapter(root / "adapter", unet, VISION, seed=3)
-    result = build(BuildConfig(model=PRESET, out=root / "folder", ip_adapter=weights))
+    result = build(BuildConfig(model=preset, out=root / "folder", ip_adapter=weights))
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 255, (80, 64, 3), dtype=np.uint8))  # resized + cropped to 32
     return {"root": root, "weights": weights, "folder": result.folder, "manifest": result.manifest,
-            "pipe": Pipeline.load(result.folder), "source": _ip_source(weights), "picture": picture}
+            "pipe": Pipeline.load(result.folder), "source": _ip_source(weights, preset=preset), "picture": picture}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _adapted(PRESET, tmp_path_factory.mktemp("ip-adapter"))
 
 
 CASES = [
@@ -68,6 +72,16 @@ def test_ip_adapter_matches_diffusers(setup: dict[str, Any], parity_run: Any, sc
     seeds = list(range(21, 21 + kwargs.get("num_images_per_prompt", 1)))
     run = parity_run(PRESET, "txt2img", seeds=seeds, pipe=setup["pipe"], source_pipe=setup["source"],
                      runtime_kwargs={"ip_adapter_scale": scale}, ip_adapter_image=setup["picture"], **kwargs)
+    assert run.latent_diff <= LATENT_ATOL, f"final latents differ by {run.latent_diff:.3g}"
+    assert run.image_diff <= IMAGE_ATOL, f"images differ by {run.image_diff * 255:.3g}/255"
+
+
+def test_sdxl_ip_adapter_matches_diffusers(tmp_path_factory: pytest.TempPathFactory, parity_run: Any) -> None:
+    xl = _adapted("tiny-sdxl", tmp_path_factory.mktemp("ip-adapter-xl"))
+    xl["source"].set_ip_adapter_scale(0.7)
+    run = parity_run("tiny-sdxl", "txt2img", seeds=[23], pipe=xl["pipe"], source_pipe=xl["source"],
+                     runtime_kwargs={"ip_adapter_scale": 0.7}, ip_adapter_image=xl["picture"], prompt="a red circle",
+                     num_inference_steps=4)
     assert run.latent_diff <= LATENT_ATOL, f"final latents differ by {run.latent_diff:.3g}"
     assert run.image_diff <= IMAGE_ATOL, f"images differ by {run.image_diff * 255:.3g}/255"
 
