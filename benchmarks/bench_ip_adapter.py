@@ -122,24 +122,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    """Build, measure, append JSON lines and print the table."""
+def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="sd15", help="a family preset (random weights) or a tiny preset")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
+    for flag, default in (("--size", 256), ("--steps", 10), ("--repeats", 3)):
+        ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sdexport-bench-ip",
                     help="where the folders are built (kept, incremental)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON lines file the rows are appended to")
+    return ap.parse_args()
+
+
+def main() -> None:
+    """Build, measure, append JSON lines and print the table."""
+    args = _arguments()
     torch.set_num_threads(os.cpu_count() or 1)  # ONNX Runtime uses one intra-op thread per core too
-    random_weights = not args.model.startswith("tiny-")
-    rows = bench(args.model, random_weights, args.work, args.size, args.steps, args.repeats)
+    rows = bench(args.model, not args.model.startswith("tiny-"), args.work, args.size, args.steps, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
     with args.out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.write(lines)
     print(table(rows))
 
 

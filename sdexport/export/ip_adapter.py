@@ -143,6 +143,7 @@ class ImageEncoderWrapper(nn.Module):
                                       "resample": "bicubic"}}
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor]:
+        """pixel_values [batch, 3, S, S] -> (image_embeds [batch, D],)."""
         return (self.encoder(pixel_values).image_embeds,)
 
 
@@ -177,6 +178,7 @@ class IpAdapterUNetWrapper(nn.Module):
         self.ip_processors = [p for p in unet.attn_processors.values() if hasattr(p, "to_k_ip")]
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor]:
+        """The component's inputs in spec order -> (out_sample,); each IP processor's scale is the row scale."""
         feeds = dict(zip(self.names, inputs, strict=True))
         added: dict[str, Any] = {"image_embeds": [feeds[IMAGE_EMBEDS][:, None]]}
         if "text_embeds" in feeds:

@@ -89,6 +89,7 @@ class _LayerWatch:
         self.log: list[warnings.WarningMessage] = []
 
     def before(self, *_: Any) -> None:
+        """Forward pre-hook: start recording TracerWarnings (and mark a custom processor as running)."""
         if self.name not in self.ran:
             self.ran.append(self.name)
         self.caught = contextlib.ExitStack()
@@ -98,6 +99,7 @@ class _LayerWatch:
             _AS_IS.depth = getattr(_AS_IS, "depth", 0) + 1
 
     def after(self, *_: Any) -> None:
+        """Forward hook: stop recording; note the layer when its processor's code converted a tensor to Python."""
         self.close()
         messages = [str(w.message) for w in self.log if issubclass(w.category, TracerWarning)
                     and not str(Path(w.filename).resolve()).startswith(_TRUSTED)]
@@ -105,6 +107,7 @@ class _LayerWatch:
             self.found.append(f"{self.name} ({class_path(self.module.processor)}): {messages[0].split('.')[0]}")
 
     def close(self) -> None:
+        """Restore the warning filters (idempotent; also after a failed forward)."""
         if self.caught is not None:
             self.caught.close()
             self.caught = None
