@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from fakes.parity import IMAGE_ATOL, LATENT_ATOL
 from fakes.processors import TemperatureProcessor, set_cross_attention
@@ -98,3 +99,10 @@ def test_incomplete_sources_are_refused(setup: dict[str, Any], tmp_path: Path) -
         memory_parts({"unet": setup["source"].unet, "scheduler": setup["source"].scheduler})
     with pytest.raises(SourceError, match="no tokenizer"):
         memory_parts({k: getattr(setup["source"], k) for k in ("unet", "vae", "text_encoder", "scheduler")})
+    unet = setup["source"].unet
+    unet.encoder_hid_proj = torch.nn.Identity()  # what pipe.load_ip_adapter leaves on the UNet
+    try:
+        with pytest.raises(SourceError, match="ip_adapter=PATH"):
+            memory_parts(setup["source"])
+    finally:
+        unet.encoder_hid_proj = None

@@ -6,6 +6,10 @@ oracle is the same tiny SD 1.5 source with ``load_ip_adapter`` and ``set_ip_adap
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +122,25 @@ def test_parity_command_reloads_the_adapter(setup: dict[str, Any]) -> None:
     assert max(report.components["image_encoder"].values()) <= 1e-4  # fp32 graph vs torch, the build's tolerance
     for task, diffs in report.end_to_end.items():
         assert diffs["latents"] <= LATENT_ATOL and diffs["image"] <= IMAGE_ATOL, (task, diffs)
+
+
+def test_image_prompts_run_with_torch_diffusers_transformers_onnx_blocked(setup: dict[str, Any]) -> None:
+    from test_runtime_loading import BLOCKER
+
+    script = BLOCKER + textwrap.dedent('''
+        from PIL import Image
+        from sdexport import Pipeline
+        pipe = Pipeline.load(sys.argv[1])
+        made = pipe("a cat", ip_adapter_image=Image.new("RGB", (40, 50), (10, 200, 30)), ip_adapter_scale=0.5,
+                    num_inference_steps=2, seed=1, output_type="np")
+        print(json.dumps({"loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
+                          "shape": list(made.images.shape)}))
+    ''')
+    proc = subprocess.run([sys.executable, "-c", script, str(setup["folder"])], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"loaded": [], "shape": [1, 64, 64, 3]}
 
 
 def test_rebuild_with_the_same_adapter_reuses_everything(setup: dict[str, Any]) -> None:

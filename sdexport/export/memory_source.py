@@ -48,6 +48,10 @@ def memory_parts(model: Any) -> dict[str, Any]:
     if missing:
         raise SourceError(f"the in-memory source {type(model).__name__} has no {', '.join(missing)}; pass a "
                           "diffusers pipeline or a dict with unet, vae, text_encoder(s), tokenizer(s) and scheduler")
+    if getattr(parts["unet"], "encoder_hid_proj", None) is not None:
+        raise SourceError("the in-memory UNet has an IP-Adapter loaded (pipe.load_ip_adapter); build from the "
+                          "pipeline without it (pipe.unload_ip_adapter()) and pass ip_adapter=PATH instead, so the "
+                          "image encoder and the run-time scale are compiled too")
     for enc in ("text_encoder", "text_encoder_2"):
         tok = enc.replace("text_encoder", "tokenizer")
         if parts[enc] is not None and parts[tok] is None:
