@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from fakes.parity import IMAGE_ATOL, LATENT_ATOL
+from fakes.parity import IMAGE_ATOL, LATENT_ATOL, SMALL_RANGES
 from fakes.processors import TemperatureProcessor, set_cross_attention
 from sdexport.errors import SourceError
 from sdexport.export.build import BuildConfig, build
 from sdexport.export.load import inspect_source, load_source
 from sdexport.export.memory_source import memory_parts
 from sdexport.runtime.pipeline import Pipeline
-from sdexport.specs.presets import TINY_RANGES
 
 PRESET = "tiny-sd15"
 CUSTOM = "fakes.processors.TemperatureProcessor"
@@ -37,7 +36,7 @@ def _modified_pipe(temperature: float) -> Any:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("in-memory") / "folder"
     source = _modified_pipe(0.5)
-    result = build(BuildConfig(model=source, out=folder, ranges=TINY_RANGES))
+    result = build(BuildConfig(model=source, out=folder, ranges=SMALL_RANGES))
     return {"folder": folder, "source": source, "result": result, "pipe": Pipeline.load(folder)}
 
 
@@ -66,7 +65,7 @@ def test_manifest_records_the_memory_source_and_each_processor(setup: dict[str, 
 
 
 def test_same_pipeline_reuses_the_build_and_a_changed_processor_changes_the_key(setup: dict[str, Any]) -> None:
-    again = build(BuildConfig(model=setup["source"], out=setup["folder"], ranges=TINY_RANGES))
+    again = build(BuildConfig(model=setup["source"], out=setup["folder"], ranges=SMALL_RANGES))
     assert again.up_to_date
     info = inspect_source(setup["source"])
     assert info.fingerprint == setup["result"].manifest["source"]["hash"]

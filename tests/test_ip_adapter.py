@@ -18,7 +18,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from fakes.parity import IMAGE_ATOL, LATENT_ATOL
+from fakes.parity import IMAGE_ATOL, LATENT_ATOL, SMALL_RANGES
 from sdexport.cli import main
 from sdexport.errors import SourceError
 from sdexport.export.build import BuildConfig, build
@@ -48,7 +48,7 @@ def _adapted(preset: str, root: Path) -> dict[str, Any]:
     """A random adapter for ``preset``, the folder built with it, its Pipeline, the diffusers oracle, a picture."""
     unet = load_source(inspect_source(preset), modules=frozenset({"unet"})).pipe.unet
     weights = write_random_ip_adapter(root / "adapter", unet, VISION, seed=3)
-    result = build(BuildConfig(model=preset, out=root / "folder", ip_adapter=weights))
+    result = build(BuildConfig(model=preset, out=root / "folder", ip_adapter=weights, ranges=SMALL_RANGES))
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 255, (80, 64, 3), dtype=np.uint8))  # resized + cropped to 32
     return {"root": root, "weights": weights, "folder": result.folder, "manifest": result.manifest,
@@ -116,12 +116,14 @@ def test_folder_records_the_adapter_and_takes_the_scale_as_an_input(setup: dict[
 
 
 def test_parity_command_reloads_the_adapter(setup: dict[str, Any]) -> None:
-    from sdexport.export.parity import run_parity
+    from sdexport.export.parity import component_parity, end_to_end_parity, load_oracle
 
-    report = run_parity(setup["folder"], steps=2)
-    assert max(report.components["image_encoder"].values()) <= 1e-4  # fp32 graph vs torch, the build's tolerance
-    for task, diffs in report.end_to_end.items():
-        assert diffs["latents"] <= LATENT_ATOL and diffs["image"] <= IMAGE_ATOL, (task, diffs)
+    oracle = load_oracle(setup["manifest"])  # what `sdexport parity` compares with: the adapter loaded again
+    components = component_parity(setup["folder"], setup["manifest"], oracle)
+    assert max(components["image_encoder"].values()) <= 1e-4  # fp32 graph vs torch, the build's tolerance
+    assert max(components["unet"].values()) <= 1e-4
+    diffs = end_to_end_parity(setup["pipe"], oracle, "txt2img", steps=2)
+    assert diffs["latents"] <= LATENT_ATOL and diffs["image"] <= IMAGE_ATOL, diffs
 
 
 def test_image_prompts_run_with_torch_diffusers_transformers_onnx_blocked(setup: dict[str, Any]) -> None:
@@ -144,7 +146,7 @@ def test_image_prompts_run_with_torch_diffusers_transformers_onnx_blocked(setup:
 
 
 def test_rebuild_with_the_same_adapter_reuses_everything(setup: dict[str, Any]) -> None:
-    again = build(BuildConfig(model=PRESET, out=setup["folder"], ip_adapter=setup["weights"]))
+    again = build(BuildConfig(model=PRESET, out=setup["folder"], ip_adapter=setup["weights"], ranges=SMALL_RANGES))
     assert again.up_to_date
 
 

@@ -9,18 +9,16 @@ from typing import Any
 import pytest
 import torch
 
+from fakes.parity import SMALL_RANGES
 from fakes.processors import BranchingProcessor, ItemProcessor, SdpaProcessor, set_cross_attention
 from sdexport.engines import artifacts
 from sdexport.export import attention
 from sdexport.export.build import BuildConfig, build
-from sdexport.export.component import export_raw
 from sdexport.export.load import inspect_source, load_source
 from sdexport.export.processors import UntraceableProcessorError, processor_record, trace_guard
 from sdexport.export.wrappers import wrap
-from sdexport.specs import ShapeRanges
 
 PRESET = "tiny-sd15"
-SMALL = ShapeRanges(batch=(1, 1, 2), height=(32, 32, 48), width=(32, 32, 48))  # the failure needs no large shapes
 FIRST_CROSS = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 
 
@@ -46,7 +44,7 @@ def test_data_dependent_branch_fails_the_build_naming_layer_and_class(source: An
                                                                       tmp_path: Path) -> None:
     unet_with(BranchingProcessor(1.0))
     with pytest.raises(UntraceableProcessorError) as caught:
-        build(BuildConfig(model=source.pipe, out=tmp_path / "out", ranges=SMALL))
+        build(BuildConfig(model=source.pipe, out=tmp_path / "out", ranges=SMALL_RANGES))
     message = str(caught.value)
     assert message.startswith("unet: ")
     assert f"{FIRST_CROSS} (fakes.processors.BranchingProcessor)" in message
@@ -54,10 +52,13 @@ def test_data_dependent_branch_fails_the_build_naming_layer_and_class(source: An
     assert not (tmp_path / "out" / artifacts.MANIFEST).exists()
 
 
-def test_reading_a_tensor_value_fails_the_export(source: Any, unet_with: Any, tmp_path: Path) -> None:
+def test_reading_a_tensor_value_fails_the_trace(source: Any, unet_with: Any) -> None:
     unet_with(ItemProcessor(1.0))
-    with pytest.raises(UntraceableProcessorError, match=r"ItemProcessor\): Converting a tensor to a Python number"):
-        export_raw(source, "unet", "fp32", SMALL, tmp_path)
+    wrapper = wrap(source.pipe, source.spec, source.spec.components["unet"])
+    inputs = (torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 77, 32))
+    expected = r"ItemProcessor\): Converting a tensor to a Python number"
+    with pytest.raises(UntraceableProcessorError, match=expected), torch.no_grad(), trace_guard(wrapper, "unet"):
+        torch.jit.trace(wrapper, inputs, check_trace=False)
 
 
 def _explicit_calls(monkeypatch: pytest.MonkeyPatch, wrapper: Any) -> int:
