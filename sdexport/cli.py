@@ -81,6 +81,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: build/<model>)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="a LoRA to fuse into the UNet and text encoders; repeatable")
+    p.add_argument("--ip-adapter", type=Path, metavar="PATH",
+                   help="an IP-Adapter (.safetensors with an image_encoder folder beside it): image prompts")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="precision of every component")
     p.add_argument("--component-precision", action="append", type=_component_precision, default=[],
                    metavar="COMPONENT=PRECISION", help="override one component's precision (e.g. vae_decoder=fp16)")
@@ -337,7 +339,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         model=args.model, out=out, loras=[LoraSpec.parse(t) for t in args.lora], precision=args.precision,
         component_precision=dict(args.component_precision), ranges=ranges,
         random_weights=args.random_weights, allow_pickle=args.allow_pickle, backend=args.backend,
-        backend_options=_backend_values(args, get_backend(args.backend)),
+        backend_options=_backend_values(args, get_backend(args.backend)), ip_adapter=args.ip_adapter,
     )
     if args.quiet:
         build(config, progress=_messages(args))

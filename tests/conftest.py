@@ -125,7 +125,8 @@ def parity_table() -> Any:
 @pytest.fixture
 def parity_run(request: pytest.FixtureRequest, tiny_source: Callable[[str], Any], tiny_pipe: Callable[[str], Any],
                parity_table: list[tuple[str, float, float]]) -> Callable[..., ParityRun]:
-    """``parity_run(preset, task, seeds=[...], scheduler=..., pipe=None, **diffusers_kwargs)`` -> ParityRun.
+    """``parity_run(preset, task, seeds=[...], scheduler=..., pipe=None, source_pipe=None, runtime_kwargs=None,
+    **kwargs)`` -> ParityRun.
 
     diffusers gets one CPU torch.Generator per image, the runtime the same seeds with ``rng="torch"``, so both draw
     identical noise. Both capture the final latents through their step callbacks and return [0, 1] float images.
@@ -134,9 +135,13 @@ def parity_run(request: pytest.FixtureRequest, tiny_source: Callable[[str], Any]
     from sdexport.export.parity import diffusers_pipeline, torch_generators
 
     def run(preset: str, task: str, seeds: list[int], scheduler: str | None = None,
-            scheduler_config: dict[str, Any] | None = None, pipe: Any = None, **kwargs: Any) -> ParityRun:
+            scheduler_config: dict[str, Any] | None = None, pipe: Any = None, source_pipe: Any = None,
+            runtime_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> ParityRun:
         pipe = pipe or tiny_pipe(preset)  # another loaded Pipeline of the preset's folder (e.g. another backend)
-        oracle = diffusers_pipeline(tiny_source(preset).pipe, pipe.spec, task, scheduler, scheduler_config)
+        # source_pipe: the diffusers pipeline the folder was built from when it is not the preset's (in memory, with
+        # an adapter); runtime_kwargs: arguments only the runtime takes (diffusers sets them on the pipeline).
+        source_pipe = source_pipe if source_pipe is not None else tiny_source(preset).pipe
+        oracle = diffusers_pipeline(source_pipe, pipe.spec, task, scheduler, scheduler_config)
         captured: list[np.ndarray] = []
 
         def keep(_pipe: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -145,8 +150,9 @@ def parity_run(request: pytest.FixtureRequest, tiny_source: Callable[[str], Any]
 
         ref = oracle(**kwargs, generator=torch_generators(seeds), output_type="np", callback_on_step_end=keep)
         ours_latents: list[np.ndarray] = []
-        ours = pipe(**kwargs, seed=seeds, rng="torch", output_type="np_float", scheduler=scheduler,
-                    scheduler_config=scheduler_config, callback=lambda i, n, t, lat: ours_latents.append(lat.copy()))
+        ours = pipe(**kwargs, **(runtime_kwargs or {}), seed=seeds, rng="torch", output_type="np_float",
+                    scheduler=scheduler, scheduler_config=scheduler_config,
+                    callback=lambda i, n, t, lat: ours_latents.append(lat.copy()))
         result = ParityRun(captured[-1], np.asarray(ref.images), ours_latents[-1], ours.images)
         parity_table.append((f"{task} {request.node.callspec.id if hasattr(request.node, 'callspec') else preset}",
                              result.latent_diff, result.image_diff))

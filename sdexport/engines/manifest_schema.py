@@ -39,7 +39,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "schema_version": int,
     "sdexport_version": str,
     "backend": str,
-    "source": {"kind": str, "id": str, "hash": str},
+    "source": {"kind": str, "id": str, "hash": str, "ip_adapter?": {"path": str, "sha256": str}},
     "model": {
         "family": str, "inpaint": bool, "components": MapOf(_COMPONENT_SPEC), "vae_scale_factor": int,
         "scaling_factor": NUMBER, "clip_skip_max": int, "time_ids_dim": (int, type(None)), "pipeline_config?": dict,
@@ -48,6 +48,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "files": MapOf({"size": int, "sha256": str}),
     "components": MapOf({
         "graph": str, "profile": _PROFILE, "precision?": str, "validation": _VALIDATION, "weight_map?": str,
+        "attention_processors?": MapOf({"class": str, "export": str}),
     }),
     "tokenizers?": ListOf(str),
     "scheduler_config?": str,

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.nn import functional
 
+from sdexport.export.processors import traced_as_is
+
 log = logging.getLogger(__name__)
 
 # Components whose attention is exported in the constant-scale form (their modules are diffusers models).
@@ -31,12 +33,13 @@ def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def _constant_scale_sdpa(original: Any) -> Any:
-    """A drop-in ``scaled_dot_product_attention`` that takes the explicit path where it is equivalent."""
+    """A drop-in ``scaled_dot_product_attention`` that takes the explicit path where it is equivalent (never inside
+    a custom attention processor, which is traced as written)."""
 
     def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, **kwargs: Any
              ) -> torch.Tensor:
-        if attn_mask is not None or is_causal or dropout_p or kwargs:
+        if attn_mask is not None or is_causal or dropout_p or kwargs or traced_as_is():
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, **kwargs)
         # The head size is fixed per layer: a Python float here is what makes the scale a constant in the graph.

@@ -133,8 +133,16 @@ def _load(plan: BuildPlan) -> tuple[Any, list[dict[str, Any]]]:
     modules = {"vae" if n.startswith("vae") else n for n in plan.todo}
     if plan.config.loras:
         modules |= {c for c in LORA_TARGETS if c in plan.info.spec.components}
-    source = load_source(plan.info, plan.config.allow_pickle, frozenset(modules))
+    ip_adapter = plan.config.ip_adapter if modules & {"unet", "image_encoder"} else None
+    if ip_adapter is not None:
+        modules.add("unet")  # diffusers loads the adapter through the UNet
+    changes = bool(plan.config.loras or ip_adapter)  # an in-memory source is then copied, never changed
+    source = load_source(plan.info, plan.config.allow_pickle, frozenset(modules), private=changes)
     fused = fuse_loras(source.pipe, plan.config.loras, plan.config.allow_pickle) if plan.config.loras else []
+    if ip_adapter is not None:
+        from sdexport.export.ip_adapter import load_into
+
+        load_into(source.pipe, ip_adapter)
     plan.seconds["load"] = time.perf_counter() - t0
     return source, fused
 

@@ -34,7 +34,8 @@ class BuildConfig:
     option names it declares (``Backend.build_options``) to values; None for its defaults.
     """
 
-    model: str
+    model: Any
+    """A preset, hub id or diffusers folder; or an in-memory diffusers pipeline (or a dict of its parts)."""
     out: Path
     loras: list[LoraSpec] = field(default_factory=list)
     precision: str = "fp32"
@@ -44,6 +45,8 @@ class BuildConfig:
     allow_pickle: bool = False
     backend: str = "onnxruntime"
     backend_options: Any = None
+    ip_adapter: Path | None = None
+    """An IP-Adapter (diffusers' load_ip_adapter layout): image encoder graph, adapter inside the UNet graph."""
 
 
 @dataclass
@@ -109,6 +112,9 @@ def _component_key(info: SourceInfo, name: str, precision: str, ranges: ShapeRan
         "ranges": ranges.to_dict(),
         "loras": [(r["sha256"], r["weight"]) for r in loras] if name in LORA_TARGETS else [],
     }
+    adapters = {k: r["sha256"] for k, r in info.adapters.items() if name in r["components"]}
+    if adapters:
+        data["adapters"] = adapters
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -116,6 +122,10 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     """Resolve the source, check every option and the backend (its preflight too), and key each component."""
     backend = get_backend(config.backend)
     info = inspect_source(config.model, config.random_weights)
+    if config.ip_adapter is not None:
+        from sdexport.export.ip_adapter import attach
+
+        info = attach(info, config.ip_adapter, config.allow_pickle)
     _check_config(config, info)
     ranges = config.ranges or (info.preset.default_ranges if info.preset else default_ranges_for(
         info.spec.family, tiny=False))

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from sdexport.export.fused_attention import write_fused_graph
 from sdexport.export.load import Source
 from sdexport.export.lora import LORA_TARGETS
 from sdexport.export.onnx import dummy_inputs, export_component, torch_outputs, trace_env, validation_envs
+from sdexport.export.processors import processor_record, trace_guard
 from sdexport.export.validate import validate_graph
 from sdexport.export.weight_map import weight_map
 from sdexport.export.wrappers import wrap
@@ -42,6 +43,8 @@ class RawExport:
     raw: Path
     cases: list[tuple[dict[str, int], dict[str, np.ndarray], list[np.ndarray]]]
     weight_map: dict[str, Any] | None
+    record: dict[str, Any] = field(default_factory=dict)
+    """Entries added to the component's manifest record (the attention processor of each layer, ...)."""
 
 
 def export_raw(source: Source, name: str, precision: str, ranges: ShapeRanges, folder: Path) -> RawExport:
@@ -55,13 +58,16 @@ def export_raw(source: Source, name: str, precision: str, ranges: ShapeRanges, f
         cases.append((env, feeds, torch_outputs(wrapper, component, feeds)))
     raw = folder / artifacts.BUILD_DIR / "raw" / name
     shutil.rmtree(raw, ignore_errors=True)
-    with constant_scale_attention() if name in CONSTANT_SCALE_COMPONENTS else contextlib.nullcontext():
+    with constant_scale_attention() if name in CONSTANT_SCALE_COMPONENTS else contextlib.nullcontext(), \
+            trace_guard(wrapper, name) as traced:
         export_component(wrapper, component, trace_env(spec, component, ranges), raw / GRAPH)
     wmap = None
     if name in LORA_TARGETS:
         graph = optimize.load_graph(raw / GRAPH, with_data=False)
         wmap = weight_map(wrapper, next(iter(dict(wrapper.named_children()))), graph)
-    return RawExport(name, precision, raw, cases, wmap)
+    processors = processor_record(wrapper, traced)
+    extra = {"attention_processors": processors} if processors else {}
+    return RawExport(name, precision, raw, cases, wmap, {**extra, **getattr(wrapper, "record", {})})
 
 
 def finish(raw_export: RawExport, spec: ModelSpec, ranges: ShapeRanges, folder: Path) -> dict[str, Any]:
@@ -98,6 +104,7 @@ def finish(raw_export: RawExport, spec: ModelSpec, ranges: ShapeRanges, folder: 
         "precision": precision,
         "profile": ranges.profile(component, spec.vae_scale_factor),
         "validation": validation,
+        **raw_export.record,
     }
     if raw_export.weight_map is not None:
         artifacts.atomic_write_bytes(target / "weight_map.json", json.dumps(raw_export.weight_map, indent=1).encode())

@@ -79,6 +79,8 @@ def _split_source(g: _Graph, name: str, perm: list[int]) -> tuple[str, int] | No
     """Walk back through Transposes to a head-split Reshape; (its input, heads) if the transposes compose to perm."""
     composed = list(range(4))
     while (node := g.op(name, "Transpose")) is not None:
+        if len(_perm(node)) != 4:
+            return None  # not a head split (e.g. a custom processor's [batch * heads, sequence, d] layout)
         composed = [_perm(node)[i] for i in composed]
         name = node.input[0]
     reshape = g.op(name, "Reshape")
@@ -151,9 +153,26 @@ def _prune(graph: onnx.GraphProto) -> int:
     return removed
 
 
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every value whose shape ONNX shape inference can tell (the graph's weights need not be loaded)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # noqa: BLE001 - without ranks, every match is kept as before
+        log.debug("shape inference failed (%s); attention inputs not rank-checked", exc)
+        return {}
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
+
+
 def fuse_attention(model: onnx.ModelProto) -> int:
-    """Replace every match of ``find_attention`` in ``model`` (in place) by MultiHeadAttention; returns the count."""
-    matches = find_attention(model.graph)
+    """Replace every match of ``find_attention`` in ``model`` (in place) by MultiHeadAttention; returns the count.
+
+    MultiHeadAttention takes (batch, sequence, hidden) inputs: a match whose query, key or value has another rank
+    (an IP-Adapter's image tokens arrive as [batch, images, tokens, hidden]) stays unfused.
+    """
+    ranks = _ranks(model)
+    matches = [m for m in find_attention(model.graph)
+               if all(ranks.get(name, 3) == 3 for name in (m.query, m.key, m.value))]
     if not matches:
         return 0
     g = _Graph(model.graph)

@@ -246,6 +246,10 @@ class SourceInfo:
     configs: dict[str, Any]
     spec: ModelSpec
     fingerprint: str
+    parts: Any = field(default=None, compare=False, repr=False)
+    """The modules of an in-memory source (kind "memory")."""
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    """Adapters built into the graphs: name -> record (path, sha256, the components they change)."""
 
     def description(self) -> dict[str, Any]:
         """The manifest's ``source`` entry."""
@@ -254,11 +258,19 @@ class SourceInfo:
             out["hub_id"] = self.preset.hub_id
         if self.folder is not None:
             out["path"] = str(self.folder)
+        out.update({name: {k: v for k, v in record.items() if k != "components"}
+                    for name, record in self.adapters.items()})
         return out
 
 
-def inspect_source(model: str, random_weights: bool = False) -> SourceInfo:
-    """Resolve ``--model`` and read its configs and fingerprint, without loading weights."""
+def inspect_source(model: Any, random_weights: bool = False) -> SourceInfo:
+    """Resolve ``--model`` (or an in-memory pipeline) and read its configs and fingerprint, without loading weights."""
+    from sdexport.export.memory_source import inspect_memory, is_memory_source
+
+    if is_memory_source(model):
+        if random_weights:
+            raise UsageError("random_weights applies to family presets, not to an in-memory pipeline")
+        return inspect_memory(model)
     kind, preset = source_identity(model, random_weights)
     folder = None
     if kind in ("tiny", "random"):
@@ -271,23 +283,35 @@ def inspect_source(model: str, random_weights: bool = False) -> SourceInfo:
             folder = _hub_folder(preset.hub_id if preset else model)
         configs = folder_configs(folder)
         fingerprint = folder_fingerprint(folder)
+    return SourceInfo(model, kind, preset, folder, configs, spec_from_configs(model, configs), fingerprint)
+
+
+def spec_from_configs(model: str, configs: dict[str, Any]) -> ModelSpec:
+    """The ModelSpec of a source from its configs (model_index, unet, vae, text encoders)."""
     text_configs = {n: configs[n] for n in ("text_encoder", "text_encoder_2") if n in configs}
     pipeline_config = {
         k: v for k, v in configs["model_index"].items()
         if k in ("_class_name", "force_zeros_for_empty_prompt", "requires_aesthetics_score")
     }
     try:
-        spec = model_spec(configs["unet"], configs["vae"], text_configs, pipeline_config)
+        return model_spec(configs["unet"], configs["vae"], text_configs, pipeline_config)
     except (ValueError, KeyError) as exc:
         raise SourceError(f"{model}: unsupported model configuration: {exc}") from exc
-    return SourceInfo(model, kind, preset, folder, configs, spec, fingerprint)
 
 
 ALL_MODULES = frozenset({"unet", "vae", "text_encoder", "text_encoder_2"})
 
 
-def load_source(info: SourceInfo, allow_pickle: bool = False, modules: frozenset[str] = ALL_MODULES) -> Source:
-    """Load the weights of an inspected source into a Source; modules not in ``modules`` stay None (memory)."""
+def load_source(info: SourceInfo, allow_pickle: bool = False, modules: frozenset[str] = ALL_MODULES,
+                private: bool = False) -> Source:
+    """Load the weights of an inspected source into a Source; modules not in ``modules`` stay None (memory).
+
+    ``private``: an in-memory source's modules are deep-copied (for builds that change them: LoRAs, adapters).
+    """
+    if info.kind == "memory":
+        from sdexport.export.memory_source import load_memory
+
+        return load_memory(info, modules, private)
     tmp: list[tempfile.TemporaryDirectory] = []
     record = family(info.spec.family)
     if info.kind in ("tiny", "random"):

@@ -12,6 +12,7 @@ import numpy as np
 
 from sdexport.errors import SourceError
 from sdexport.specs import ModelSpec, ShapeRanges
+from sdexport.specs.ip_adapter import has_ip_adapter
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def load_oracle(manifest: Mapping[str, Any]) -> Any:
     from sdexport.export.lora import LoraSpec, fuse_loras
 
     source = manifest["source"]
+    if source["kind"] == "memory":
+        raise SourceError("this folder was built from an in-memory pipeline, which cannot be reloaded from disk; "
+                          "compare it from Python (sdexport.export.parity.end_to_end_parity with that pipeline)")
     model = source.get("path") or source["id"]
     try:
         info = inspect_source(model, random_weights=source["kind"] == "random")
@@ -67,6 +71,10 @@ def load_oracle(manifest: Mapping[str, Any]) -> Any:
     loras = [LoraSpec(Path(r["path"]), r["weight"]) for r in manifest.get("loras", [])]
     if loras:
         fuse_loras(loaded.pipe, loras)
+    if "ip_adapter" in source:
+        from sdexport.export.ip_adapter import load_into
+
+        load_into(loaded.pipe, source["ip_adapter"]["path"])
     return loaded
 
 
@@ -134,6 +142,8 @@ def end_to_end_parity(pipe: Any, source: Any, task: str, steps: int = 4, seed: i
         task, height, width)}
     if task != "img2img":
         common.update(height=height, width=width)
+    if has_ip_adapter(pipe.spec):  # diffusers' UNet then needs image embeds: give both sides an image prompt
+        common["ip_adapter_image"] = _task_inputs("img2img", height, width)["image"]
     results: dict[str, np.ndarray] = {}
     for output in ("latent", "np"):
         ref = oracle(**common, generator=torch_generators([seed]), output_type=output).images

@@ -89,8 +89,13 @@ def torch_module(pipe: Any, name: str) -> nn.Module:
 
 def wrap(pipe: Any, spec: ModelSpec, component: ComponentSpec) -> nn.Module:
     """The export wrapper of ``component`` around the pipeline's module."""
+    from sdexport.export.ip_adapter import wrap_ip_adapter
+
     module = torch_module(pipe, component.name)
     name = component.name
+    adapted = wrap_ip_adapter(module, component)
+    if adapted is not None:
+        return adapted
     if name.startswith("text_encoder"):
         encoder = spec.family_record.encoder(name)
         return TextEncoderWrapper(

@@ -146,6 +146,10 @@ class GenerationArgs:
                              "folder's prompt chunks)", choices=LONG_PROMPTS)
     rng: str = _arg("numpy", help="numpy, or torch: the same noise as diffusers' CPU generator (needs torch)",
                     choices=RNGS)
+    ip_adapter_image: Any = _arg(None, help="IP-Adapter image prompt: a picture (folders built with --ip-adapter)",
+                                 parse=read_picture, metavar="PATH")
+    ip_adapter_scale: float = _arg(1.0, help="IP-Adapter strength, as diffusers' set_ip_adapter_scale (0: ignore the "
+                                   "image)")
     callback: StepCallback | None = _arg(
         None, help="callback(step_index, num_steps, timestep, latents) after every step; False cancels", cli=False)
 

@@ -28,6 +28,7 @@ from sdexport.runtime.backends import (
 from sdexport.runtime.conditioning import conditioner_for
 from sdexport.runtime.denoise import Cancelled, Guidance, denoise
 from sdexport.runtime.images import postprocess
+from sdexport.runtime.ip_adapter import IMAGE_ENCODER, condition_on_image, image_prompt
 from sdexport.runtime.latents import LatentSource, Start, start_img2img, start_inpaint, start_txt2img
 from sdexport.runtime.noise import NoiseStreams
 from sdexport.runtime.request import Request, build_request, latent_space
@@ -192,6 +193,7 @@ class Pipeline:
         aesthetic_score: float = DEFAULTS["aesthetic_score"],
         negative_aesthetic_score: float = DEFAULTS["negative_aesthetic_score"],
         long_prompts: str = DEFAULTS["long_prompts"], rng: str = DEFAULTS["rng"],
+        ip_adapter_image: Any = None, ip_adapter_scale: float = DEFAULTS["ip_adapter_scale"],
         callback: StepCallback | None = None,
     ) -> GenerationResult:
         """Generate images; arguments keep diffusers' names and meanings (each is described in ``GenerationArgs``).
@@ -204,9 +206,11 @@ class Pipeline:
         noise like diffusers' CPU ``torch.Generator`` (needs torch), so the same seeds give diffusers' images.
         ``long_prompts="chunk"`` encodes prompts over 75 tokens in chunks (up to the folder's prompt_chunks)
         instead of truncating. ``output_type``: "pil", "np" (uint8 [N, H, W, 3]), "np_float" ([0, 1] float32) or
-        "latent". ``callback(step_index, num_steps, timestep, latents)`` returning False raises GenerationCancelled
-        (its ``partial`` result holds the latents so far). Every argument is checked before any engine runs: an
-        invalid one raises RequestError naming it and what is allowed.
+        "latent". ``ip_adapter_image`` / ``ip_adapter_scale`` (folders built with an IP-Adapter): an image prompt
+        and its strength, as diffusers' ``ip_adapter_image`` and ``set_ip_adapter_scale``.
+        ``callback(step_index, num_steps, timestep, latents)`` returning False raises GenerationCancelled (its
+        ``partial`` result holds the latents so far). Every argument is checked before any engine runs: an invalid
+        one raises RequestError naming it and what is allowed.
         """
         return self.generate(GenerationArgs(
             prompt=prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
@@ -219,12 +223,14 @@ class Pipeline:
             negative_original_size=negative_original_size,
             negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-            long_prompts=long_prompts, rng=rng, callback=callback,
+            long_prompts=long_prompts, rng=rng, ip_adapter_image=ip_adapter_image,
+            ip_adapter_scale=ip_adapter_scale, callback=callback,
         ))
 
     def validate(self, args: GenerationArgs) -> tuple[Request, Scheduler, Plan]:
         """Check every argument against this folder without running an engine; raise RequestError naming it."""
         request = build_request(self.spec, self.ranges, args, self.conditioner.chunks_needed)
+        image_prompt(self.spec, self.manifest, args)
         try:
             sched = self.get_scheduler(args.scheduler, args.scheduler_config)
             plan = sched.plan(request.num_inference_steps, strength=request.strength,
@@ -239,12 +245,16 @@ class Pipeline:
         """Generate from a ``GenerationArgs``: validate everything, then encode, start, denoise and decode."""
         t_start = time.perf_counter()
         request, sched, plan = self.validate(args)
+        prompt_image = image_prompt(self.spec, self.manifest, args)
         timings = Timings()
         streams = NoiseStreams(request.seeds, request.rng)
         t0 = time.perf_counter()
         runners = {name: self._runner(name) for name in self.conditioner.encoders}
         cond = self.conditioner.conditioning(request.prompts, request.cfg, runners, request.sizes, request.height,
                                              request.width, request.per_prompt)
+        if prompt_image is not None:
+            encoder = self._runner(IMAGE_ENCODER) if prompt_image.pixels is not None else None
+            cond = condition_on_image(cond, prompt_image, self.spec, encoder)
         timings.text_encoder = time.perf_counter() - t0
         t0 = time.perf_counter()
         start = self._start(request, plan, streams)
