@@ -146,7 +146,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("folder", type=Path, help="a compiled folder (sdexport build)")
     _add_generation_flags(p.add_argument_group("generation (the arguments of Pipeline.__call__)"))
     p.add_argument("--out", type=Path, default=Path("out.png"),
-                   help="PNG (several images: out-0.png, out-1.png, ...) or .npy to save the latents")
+                   help="PNG, JPEG or WebP by the suffix (several images: out-0.png, out-1.png, ...), or .npy to save "
+                   "the latents (with a .npy.json naming their latent space)")
     _add_backend_choice(p)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster start)")
@@ -209,13 +210,12 @@ def _progress_bar(enabled: bool) -> object:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from sdexport.runtime.args import GenerationArgs, cli_fields
-    from sdexport.runtime.images import save_png
+    from sdexport.runtime.images import LATENT_SUFFIX, check_output_path, save_image
+    from sdexport.runtime.latent_files import save_latents
     from sdexport.runtime.pipeline import Pipeline
 
-    latent_out = args.out.suffix == ".npy"
+    latent_out = check_output_path(args.out).suffix.lower() == LATENT_SUFFIX
     request = GenerationArgs(**{name: getattr(args, name) for name in cli_fields()},
                              output_type="latent" if latent_out else "pil",
                              callback=_progress_bar(not (args.no_progress or args.quiet)))
@@ -223,14 +223,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(args.folder, backend=args.backend, verify=not args.no_verify, engine_options=options)
     result = pipe.generate(request)
     if latent_out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.out, result.images)
+        save_latents(args.out, result.images, result.latent_space, pipe.family)
         print(f"latents {list(result.images.shape)} -> {args.out}")
     else:
         many = len(result.images) > 1
         for index, (picture, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
             path = args.out.with_name(f"{args.out.stem}-{index}{args.out.suffix}") if many else args.out
-            save_png(picture, path, {**{k: v for k, v in result.parameters.items() if k != "seeds"}, "seed": seed})
+            save_image(picture, path, {**{k: v for k, v in result.parameters.items() if k != "seeds"}, "seed": seed})
             print(f"{path} (seed {seed})")
     t = result.timings
     if not args.quiet:
