@@ -90,6 +90,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="instantiate a family preset's full-size architecture with random weights (no download)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin/.ckpt) weights you trust")
+    p.add_argument("--memory-budget", metavar="SIZE", help="memory the trace and validation may use, e.g. 2GiB "
+                   "(default: what /proc/meminfo says is available); a build over it is refused before any work")
     _add_backend_choice(p)
     for backend in backends().values():
         if backend.build_options:
@@ -294,23 +296,15 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_build(args: argparse.Namespace) -> int:
     from sdexport.export.build import BuildConfig, build
     from sdexport.export.lora import LoraSpec
-    from sdexport.specs import ShapeRanges, resolve_preset
-    from sdexport.specs.presets import default_ranges_for
 
-    ranges = None
-    if args.batch or args.height or args.width or args.prompt_chunks:
-        preset = resolve_preset(args.model)
-        base = preset.default_ranges if preset else default_ranges_for("sd", tiny=False)
-        ranges = ShapeRanges(
-            batch=args.batch or base.batch, height=args.height or base.height, width=args.width or base.width,
-            prompt_chunks=args.prompt_chunks or base.prompt_chunks,
-        )
+    # Given ranges over the defaults (the preset's, or the model config's); a 0 is kept, and refused by the plan.
+    ranges = {k: getattr(args, k) for k in ("batch", "height", "width", "prompt_chunks")}
     out = args.out or Path("build") / Path(args.model.rstrip("/")).name
     config = BuildConfig(
         model=args.model, out=out, loras=[LoraSpec.parse(t) for t in args.lora], precision=args.precision,
         component_precision=dict(args.component_precision), ranges=ranges,
         random_weights=args.random_weights, allow_pickle=args.allow_pickle, backend=args.backend,
-        backend_options=_backend_values(args, get_backend(args.backend)),
+        backend_options=_backend_values(args, get_backend(args.backend)), memory_budget=args.memory_budget,
     )
     if args.quiet:
         build(config, progress=_messages(args))

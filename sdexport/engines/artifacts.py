@@ -224,6 +224,8 @@ def describe(folder: Path, manifest: dict[str, Any]) -> str:
         f"  sizes      height {ranges['height']} width {ranges['width']} px (min, opt, max), "
         f"batch {ranges['batch']}, prompt chunks <= {ranges['prompt_chunks']}",
     ]
+    if manifest.get("shape_ranges_origin"):
+        lines.append(f"             ranges {manifest['shape_ranges_origin']}")
     for lora in manifest.get("loras", []):
         lines.append(f"  lora       {lora['name']} weight {lora['weight']} -> {', '.join(lora.get('components', []))}")
     total = 0

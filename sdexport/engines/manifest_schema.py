@@ -45,6 +45,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "scaling_factor": NUMBER, "clip_skip_max": int, "time_ids_dim": (int, type(None)), "pipeline_config?": dict,
     },
     "shape_ranges": {"batch": ListOf(int), "height": ListOf(int), "width": ListOf(int), "prompt_chunks": int},
+    "shape_ranges_origin?": str,
     "files": MapOf({"size": int, "sha256": str}),
     "components": MapOf({
         "graph": str, "profile": _PROFILE, "precision?": str, "validation": _VALIDATION, "weight_map?": str,
