@@ -247,3 +247,21 @@ def test_set_loras_names_a_garbage_file(tiny_pipe: Callable[[str], Pipeline], tm
     bad.write_bytes(b"\xff" * 64)
     with pytest.raises(SdexportError, match=r"LoRA file .*garbage.safetensors is not a readable .safetensors file"):
         tiny_pipe(PRESET).set_loras([(bad, 0.5)])
+
+
+# -- source weights -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_garbage_weights_in_a_local_folder_name_the_file(folder_2x: Path, tmp_path: Path, suffix: str) -> None:
+    import shutil
+
+    from sdexport.errors import SourceError
+    from sdexport.export.build import BuildConfig, build
+
+    source = tmp_path / "source"
+    shutil.copytree(folder_2x, source)
+    (source / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (source / "unet" / f"diffusion_pytorch_model{suffix}").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(SourceError, match=rf"cannot load the unet weights of .*source \(diffusion_pytorch_model"
+                                          rf"{re.escape(suffix)} in .*unet\).*truncated, corrupt or not a unet"):
+        build(BuildConfig(model=str(source), out=tmp_path / "out", allow_pickle=suffix == ".bin"))

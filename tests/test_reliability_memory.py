@@ -21,14 +21,6 @@ REFUSAL = (r"(unet|vae_decoder|vae_encoder): the (trace|validate) at shape \{'ba
            r"[\d.]+ GiB \([\d.]+ GiB of fp32 weights, [\d.]+ GiB of attention and activations\), over ")
 
 
-@pytest.fixture(scope="module")
-def folder_2x(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny diffusers folder with a 2x VAE (the one that ran out of memory at the SD 1.5 default range)."""
-    from fakes.folders import save_tiny_2x_folder
-
-    return save_tiny_2x_folder(tmp_path_factory.mktemp("source") / "tiny-2x")
-
-
 @pytest.mark.parametrize(("text", "size"), [
     ("2GiB", 2 * 2**30), ("512MB", 512 * 10**6), ("1.5g", int(1.5 * 10**9)), ("64 KiB", 65536), (4096, 4096),
 ])

@@ -19,14 +19,6 @@ SD15_UNET = {"sample_size": 64, "down_block_types": ["CrossAttnDownBlock2D"] * 3
 SD15_VAE = {"block_out_channels": [128, 256, 512, 512]}
 
 
-@pytest.fixture(scope="module")
-def folder_2x(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny diffusers folder whose VAE downsamples 2x and whose UNet has sample_size 16 (native 32 px)."""
-    from fakes.folders import save_tiny_2x_folder
-
-    return save_tiny_2x_folder(tmp_path_factory.mktemp("source") / "tiny-2x")
-
-
 def test_native_ranges_of_sd15_are_the_family_ranges() -> None:
     ranges, why = native_ranges(SD15_UNET, SD15_VAE, family("sd").default_ranges)
     assert ranges == family("sd").default_ranges

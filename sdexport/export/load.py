@@ -183,7 +183,7 @@ def _load_part(cls: type, folder: Path, name: str, use_safe: bool | None) -> Any
     except Exception as exc:  # noqa: BLE001 - safetensors, torch.load and diffusers raise many types
         weights = sorted(p.name for p in (folder / name).iterdir()
                          if p.name.endswith(WEIGHT_SUFFIXES_SAFE + WEIGHT_SUFFIXES_PICKLE))
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        detail = str(exc).strip().splitlines()[0][:300].rstrip(". ") if str(exc).strip() else type(exc).__name__
         raise SourceError(f"cannot load the {name} weights of {folder} ({', '.join(weights)} in {folder / name}): "
                           f"{detail}. The file is truncated, corrupt or not a {name} checkpoint: download or save "
                           "it again") from exc
