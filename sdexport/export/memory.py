@@ -22,7 +22,7 @@ from sdexport.specs import ShapeRanges
 
 log = logging.getLogger(__name__)
 
-BASE_BYTES = 500 * 2**20
+BASE_BYTES = 600 * 2**20
 """Resident size of the build process before any model: interpreter, torch, diffusers, onnx, ONNX Runtime."""
 WEIGHT_COPIES = {"trace": 3.0, "validate": 2.0}
 """fp32 weight copies alive at the peak: trace = torch module + traced graph + serialised proto; validate = torch
