@@ -47,7 +47,9 @@ class Estimate:
 
     component: str
     phase: str
+    """"trace" or "validate" (WEIGHT_COPIES)."""
     shape: dict[str, int]
+    """The component's symbol values (batch, latent or image sides, sequence)."""
     weights: int
     activations: int
 
