@@ -93,6 +93,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="instantiate a family preset's full-size architecture with random weights (no download)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin/.ckpt) weights you trust")
+    p.add_argument("--memory-budget", metavar="SIZE", help="memory the trace and validation may use, e.g. 2GiB "
+                   "(default: what /proc/meminfo says is available); a build over it is refused before any work")
     _add_backend_choice(p)
     for backend in backends().values():
         if backend.build_options:
@@ -169,7 +171,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("folder", type=Path, help="a compiled folder (sdexport build)")
     _add_generation_flags(p.add_argument_group("generation (the arguments of Pipeline.__call__)"))
     p.add_argument("--out", type=Path, default=Path("out.png"),
-                   help="PNG (several images: out-0.png, out-1.png, ...) or .npy to save the latents")
+                   help="PNG, JPEG or WebP by the suffix (several images: out-0.png, out-1.png, ...), or .npy to save "
+                   "the latents (with a .npy.json naming their latent space)")
     _add_backend_choice(p)
     p.add_argument("--threads", type=int, help="intra-op threads of the backend (ONNX Runtime, OpenVINO)")
     for backend in backends().values():
@@ -236,13 +239,12 @@ def _progress_bar(enabled: bool) -> object:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from sdexport.runtime.args import GenerationArgs, cli_fields
-    from sdexport.runtime.images import save_png
+    from sdexport.runtime.images import LATENT_SUFFIX, check_output_path, save_image
+    from sdexport.runtime.latent_files import save_latents
     from sdexport.runtime.pipeline import Pipeline
 
-    latent_out = args.out.suffix == ".npy"
+    latent_out = check_output_path(args.out).suffix.lower() == LATENT_SUFFIX
     request = GenerationArgs(**{name: getattr(args, name) for name in cli_fields()},
                              output_type="latent" if latent_out else "pil",
                              callback=_progress_bar(not (args.no_progress or args.quiet)))
@@ -250,14 +252,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          engine_options=_engine_options(args))
     result = pipe.generate(request)
     if latent_out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.out, result.images)
+        save_latents(args.out, result.images, result.latent_space, pipe.family)
         print(f"latents {list(result.images.shape)} -> {args.out}")
     else:
         many = len(result.images) > 1
         for index, (picture, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
             path = args.out.with_name(f"{args.out.stem}-{index}{args.out.suffix}") if many else args.out
-            save_png(picture, path, {**{k: v for k, v in result.parameters.items() if k != "seeds"}, "seed": seed})
+            save_image(picture, path, {**{k: v for k, v in result.parameters.items() if k != "seeds"}, "seed": seed})
             print(f"{path} (seed {seed})")
     t = result.timings
     if not args.quiet:
@@ -323,23 +324,16 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_build(args: argparse.Namespace) -> int:
     from sdexport.export.build import BuildConfig, build
     from sdexport.export.lora import LoraSpec
-    from sdexport.specs import ShapeRanges, resolve_preset
-    from sdexport.specs.presets import default_ranges_for
 
-    ranges = None
-    if args.batch or args.height or args.width or args.prompt_chunks:
-        preset = resolve_preset(args.model)
-        base = preset.default_ranges if preset else default_ranges_for("sd", tiny=False)
-        ranges = ShapeRanges(
-            batch=args.batch or base.batch, height=args.height or base.height, width=args.width or base.width,
-            prompt_chunks=args.prompt_chunks or base.prompt_chunks,
-        )
+    # Given ranges over the defaults (the preset's, or the model config's); a 0 is kept, and refused by the plan.
+    ranges = {k: getattr(args, k) for k in ("batch", "height", "width", "prompt_chunks")}
     out = args.out or Path("build") / Path(args.model.rstrip("/")).name
     config = BuildConfig(
         model=args.model, out=out, loras=[LoraSpec.parse(t) for t in args.lora], precision=args.precision,
         component_precision=dict(args.component_precision), ranges=ranges,
         random_weights=args.random_weights, allow_pickle=args.allow_pickle, backend=args.backend,
         backend_options=_backend_values(args, get_backend(args.backend)), ip_adapter=args.ip_adapter,
+        memory_budget=args.memory_budget,
     )
     if args.quiet:
         build(config, progress=_messages(args))

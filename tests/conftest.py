@@ -159,3 +159,11 @@ def parity_run(request: pytest.FixtureRequest, tiny_source: Callable[[str], Any]
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def folder_2x(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny local diffusers folder whose VAE downsamples 2x (UNet sample_size 16: native 32 px), saved once."""
+    from fakes.folders import save_tiny_2x_folder
+
+    return save_tiny_2x_folder(tmp_path_factory.mktemp("source") / "tiny-2x")

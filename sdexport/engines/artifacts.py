@@ -224,6 +224,8 @@ def describe(folder: Path, manifest: dict[str, Any]) -> str:
         f"  sizes      height {ranges['height']} width {ranges['width']} px (min, opt, max), "
         f"batch {ranges['batch']}, prompt chunks <= {ranges['prompt_chunks']}",
     ]
+    if manifest.get("shape_ranges_origin"):
+        lines.append(f"             ranges {manifest['shape_ranges_origin']}")
     for lora in manifest.get("loras", []):
         lines.append(f"  lora       {lora['name']} weight {lora['weight']} -> {', '.join(lora.get('components', []))}")
     total = 0
@@ -233,6 +235,7 @@ def describe(folder: Path, manifest: dict[str, Any]) -> str:
         worst = max(
             (o["max_abs_diff"] for s in comp["validation"]["shapes"] for o in s["outputs"].values()), default=0.0
         )
-        lines.append(f"  {name:<15} {comp['precision']}  {size / 2**20:9.1f} MiB  validated, max |diff| {worst:.2e}")
+        precision = comp.get("precision", "fp32")
+        lines.append(f"  {name:<15} {precision}  {size / 2**20:9.1f} MiB  validated, max |diff| {worst:.2e}")
     lines.append(f"  total      {total / 2**20:.1f} MiB of graphs")
     return "\n".join(lines)

@@ -170,9 +170,12 @@ def read_lora(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                           "run code); convert it with safetensors.torch.save_file")
     if not path.is_file():
         raise SourceError(f"LoRA file {path} does not exist")
-    with safe_open(str(path), framework="numpy") as f:
-        names = f.keys()
-        return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 - not a dict
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ValueError
+        raise SourceError(f"LoRA file {path} is not a readable .safetensors file ({exc}); it is truncated, "
+                          "corrupt or another format") from exc
 
 
 def _split_key(key: str, components: Sequence[str]) -> tuple[str, str, str] | None:

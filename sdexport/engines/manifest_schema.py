@@ -45,6 +45,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "scaling_factor": NUMBER, "clip_skip_max": int, "time_ids_dim": (int, type(None)), "pipeline_config?": dict,
     },
     "shape_ranges": {"batch": ListOf(int), "height": ListOf(int), "width": ListOf(int), "prompt_chunks": int},
+    "shape_ranges_origin?": str,
     "files": MapOf({"size": int, "sha256": str}),
     "components": MapOf({
         "graph": str, "profile": _PROFILE, "precision?": str, "validation": _VALIDATION, "weight_map?": str,
@@ -110,7 +111,20 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
         key = f"key {where!r}" if where else "the manifest"
         raise ArtifactError(f"{path}: {key} {message}; rebuild the folder") from None
     components: Mapping[str, Any] = manifest["components"]
-    for name in manifest["model"]["components"]:
+    for name, spec in manifest["model"]["components"].items():
         if name not in components:
             raise ArtifactError(f"{path}: key 'components.{name}' is missing; rebuild the folder")
+        _check_profile(path, name, spec, components[name]["profile"])
     return manifest
+
+
+def _check_profile(path: Path, name: str, spec: Mapping[str, Any], profile: Mapping[str, Any]) -> None:
+    """Every input of the component has min / opt / max shapes of its rank in the profile."""
+    for tensor in spec["inputs"]:
+        where = f"components.{name}.profile.{tensor['name']}"
+        if tensor["name"] not in profile:
+            raise ArtifactError(f"{path}: key {where!r} is missing; rebuild the folder")
+        for key, shape in profile[tensor["name"]].items():
+            if len(shape) != len(tensor["dims"]):
+                raise ArtifactError(f"{path}: key '{where}.{key}' has {len(shape)} dims, the input has "
+                                    f"{len(tensor['dims'])}; rebuild the folder")

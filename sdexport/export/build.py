@@ -26,6 +26,7 @@ from sdexport.errors import ArtifactError
 from sdexport.export.build_plan import PRECISIONS, BuildConfig, BuildPlan, plan_build, schedule, up_to_date_manifest
 from sdexport.export.load import load_source
 from sdexport.export.lora import LORA_TARGETS, fuse_loras
+from sdexport.export.memory import check_budget
 from sdexport.progress import Step
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def _manifest(plan: BuildPlan, fused: list[dict[str, Any]], support: dict[str, d
         "source": plan.info.description(),
         "model": plan.info.spec.to_dict(),
         "shape_ranges": plan.ranges.to_dict(),
+        "shape_ranges_origin": plan.ranges_origin,
         "loras": fused,
         "tools": _tool_versions(),
         "backend": plan.backend.name,
@@ -227,6 +229,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     plan = plan_build(config)
     with artifacts.build_lock(plan.folder):
         schedule(plan)
+        check_budget(plan.info.configs, plan.info.spec, plan.todo, plan.ranges, plan.config.memory_budget)
         manifest = up_to_date_manifest(plan)
         if manifest is not None:
             say(f"{plan.folder}: up to date")

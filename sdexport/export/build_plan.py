@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from sdexport.engines import Backend, artifacts, get_backend
 from sdexport.errors import ArtifactError
 from sdexport.export.load import SourceInfo, inspect_source
 from sdexport.export.lora import LORA_TARGETS, LoraSpec
+from sdexport.export.memory import parse_size
 from sdexport.specs import ShapeRanges
-from sdexport.specs.presets import default_ranges_for
+from sdexport.specs.presets import source_ranges
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +42,16 @@ class BuildConfig:
     loras: list[LoraSpec] = field(default_factory=list)
     precision: str = "fp32"
     component_precision: dict[str, str] = field(default_factory=dict)
-    ranges: ShapeRanges | None = None
+    ranges: ShapeRanges | Mapping[str, Any] | None = None
+    """All ranges, or a mapping of some (batch / height / width / prompt_chunks) over the defaults."""
     random_weights: bool = False
     allow_pickle: bool = False
     backend: str = "onnxruntime"
     backend_options: Any = None
     ip_adapter: Path | None = None
     """An IP-Adapter (diffusers' load_ip_adapter layout): image encoder graph, adapter inside the UNet graph."""
+    memory_budget: int | str | None = None
+    """Bytes (or "2GiB") the trace and validation may use; default: MemAvailable (``sdexport.export.memory``)."""
 
 
 @dataclass
@@ -59,6 +64,7 @@ class BuildPlan:
     backend: Backend
     backend_options: Any
     ranges: ShapeRanges
+    ranges_origin: str
     loras: list[dict[str, Any]]
     precisions: dict[str, str]
     keys: dict[str, str]
@@ -88,6 +94,8 @@ def _precision_of(config: BuildConfig, info: SourceInfo, name: str) -> str:
 
 
 def _check_config(config: BuildConfig, info: SourceInfo) -> None:
+    if config.memory_budget is not None:
+        parse_size(config.memory_budget)
     if config.precision not in PRECISIONS:
         raise ValueError(f"precision {config.precision!r} is not one of {PRECISIONS}")
     for name, precision in config.component_precision.items():
@@ -127,9 +135,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
 
         info = attach(info, config.ip_adapter, config.allow_pickle)
     _check_config(config, info)
-    ranges = config.ranges or (info.preset.default_ranges if info.preset else default_ranges_for(
-        info.spec.family, tiny=False))
-    ranges.validate(info.spec.vae_scale_factor)
+    ranges, origin = _ranges(config, info)
     loras = []
     for lora in config.loras:
         lora.check(config.allow_pickle)
@@ -138,7 +144,18 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     backend.check_machine(options)  # e.g. no GPU for TensorRT here: say so now, not after the export
     precisions = {name: _precision_of(config, info, name) for name in info.spec.components}
     keys = {name: _component_key(info, name, p, ranges, loras) for name, p in precisions.items()}
-    return BuildPlan(config, Path(config.out), info, backend, options, ranges, loras, precisions, keys)
+    return BuildPlan(config, Path(config.out), info, backend, options, ranges, origin, loras, precisions, keys)
+
+
+def _ranges(config: BuildConfig, info: SourceInfo) -> tuple[ShapeRanges, str]:
+    """The build's shape ranges (given, the preset's, or from the model's configs), checked, and why."""
+    if isinstance(config.ranges, ShapeRanges):
+        ranges, origin = config.ranges, "given"
+    else:
+        ranges, origin = source_ranges(info.preset, info.spec.family, info.configs, config.ranges)
+    ranges.validate(info.spec.vae_scale_factor)
+    log.info("shape ranges %s: %s", ranges.to_dict(), origin)
+    return ranges, origin
 
 
 def _read_record(folder: Path, name: str) -> dict[str, Any] | None:

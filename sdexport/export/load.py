@@ -156,16 +156,14 @@ def _load_folder(folder: Path, allow_pickle: bool, modules: frozenset[str]
         if name not in configs:
             continue
         _check_weights(folder, name, allow_pickle)
-    parts["unet"] = diffusers.UNet2DConditionModel.from_pretrained(
-        folder, subfolder="unet", use_safetensors=use_safe) if "unet" in modules else None
-    parts["vae"] = diffusers.AutoencoderKL.from_pretrained(
-        folder, subfolder="vae", use_safetensors=use_safe) if "vae" in modules else None
+    parts["unet"] = _load_part(diffusers.UNet2DConditionModel, folder, "unet", use_safe) if (
+        "unet" in modules) else None
+    parts["vae"] = _load_part(diffusers.AutoencoderKL, folder, "vae", use_safe) if "vae" in modules else None
     for name in ("text_encoder", "text_encoder_2"):
         if name not in configs:
             continue
         cls = _text_model_class(configs[name])
-        parts[name] = cls.from_pretrained(folder, subfolder=name, use_safetensors=use_safe) if (
-            name in modules) else None
+        parts[name] = _load_part(cls, folder, name, use_safe) if name in modules else None
         tok = name.replace("text_encoder", "tokenizer")
         if not (folder / tok).is_dir():
             raise SourceError(f"{folder} has {name} but no {tok} folder")
@@ -176,6 +174,19 @@ def _load_folder(folder: Path, allow_pickle: bool, modules: frozenset[str]
         if parts.get(model) is not None:
             parts[model] = parts[model].float().eval()
     return parts, configs, tokenizer_dirs
+
+
+def _load_part(cls: type, folder: Path, name: str, use_safe: bool | None) -> Any:
+    """``cls.from_pretrained`` of one subfolder; unreadable weights raise SourceError naming the files."""
+    try:
+        return cls.from_pretrained(folder, subfolder=name, use_safetensors=use_safe)
+    except Exception as exc:  # noqa: BLE001 - safetensors, torch.load and diffusers raise many types
+        weights = sorted(p.name for p in (folder / name).iterdir()
+                         if p.name.endswith(WEIGHT_SUFFIXES_SAFE + WEIGHT_SUFFIXES_PICKLE))
+        detail = str(exc).strip().splitlines()[0][:300].rstrip(". ") if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"cannot load the {name} weights of {folder} ({', '.join(weights)} in {folder / name}): "
+                          f"{detail}. The file is truncated, corrupt or not a {name} checkpoint: download or save "
+                          "it again") from exc
 
 
 def folder_fingerprint(folder: Path) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.engines.artifacts import sha256_file
+from sdexport.engines.lora_checks import check_lora_weight
 from sdexport.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,12 @@ class LoraSpec:
                 path = head
             except ValueError:
                 path = text
+        check_lora_weight(weight, path)
         return cls(Path(path).expanduser(), weight)
 
     def check(self, allow_pickle: bool) -> None:
-        """Refuse a missing file, or a pickle file without the explicit opt-in."""
+        """Refuse a missing file, a weight that is not a finite number, or a pickle file without the opt-in."""
+        check_lora_weight(self.weight, self.path)
         if not self.path.is_file():
             raise SourceError(f"LoRA file {self.path} does not exist")
         if self.path.suffix != ".safetensors" and not allow_pickle:

@@ -72,11 +72,17 @@ def read_picture(text: str) -> Any:
     """An image file (PNG, JPEG, ...), or a ``.npy`` array (latents, or an [H, W(, C)] picture)."""
     from PIL import Image
 
+    from sdexport.runtime.latent_files import read_latents
+
     path = Path(text)
+    if path.suffix == ".npy":
+        return read_latents(path)
     try:
-        return np.load(path) if path.suffix == ".npy" else Image.open(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {text!r}: {exc}") from exc
+        picture = Image.open(path)
+        picture.load()  # decode now: a truncated or corrupt file is reported here, with its name
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"cannot read {text!r} as an image: {exc}") from exc
+    return picture
 
 
 def read_array(text: str) -> np.ndarray:

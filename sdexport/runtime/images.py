@@ -116,11 +116,58 @@ def postprocess(decoded: np.ndarray, output_type: str) -> Any:
 
 def save_png(image: Image.Image, path: str | Path, parameters: Mapping[str, Any]) -> Path:
     """Save a PNG with the generation parameters as JSON in its ``parameters`` text chunk."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps(dict(parameters), sort_keys=True, default=str))
+    return _write(image, Path(path), "PNG", parameters)
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+"""Output suffix -> the format written (the parameters go in a PNG text chunk, a JPEG comment, WebP EXIF)."""
+LATENT_SUFFIX = ".npy"
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Refuse an output path whose suffix names no format, or whose folder cannot be created; return it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=info)
+    allowed = [*IMAGE_FORMATS, LATENT_SUFFIX]
+    if path.suffix.lower() not in allowed:
+        raise ValueError(f"output {str(path)!r}: the suffix {path.suffix!r} names no format this writes; "
+                         f"use one of {allowed}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"output {str(path)!r}: cannot create its folder {str(path.parent)!r} "
+                         f"({exc.strerror or exc}); choose a writable place") from exc
+    if path.is_dir():
+        raise ValueError(f"output {str(path)!r} is a directory; name a file in it")
+    return path
+
+
+def save_image(image: Image.Image, path: str | Path, parameters: Mapping[str, Any]) -> Path:
+    """Save ``image`` in the format its suffix names (IMAGE_FORMATS), with the generation parameters as JSON."""
+    path = check_output_path(path)
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"output {str(path)!r}: an image needs one of {list(IMAGE_FORMATS)}")
+    return _write(image, path, fmt, parameters)
+
+
+def _write(image: Image.Image, path: Path, fmt: str, parameters: Mapping[str, Any]) -> Path:
+    """Write ``image`` as ``fmt`` with the parameters in the format's text field."""
+    text = json.dumps(dict(parameters), sort_keys=True, default=str)
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", text)
+        options: dict[str, Any] = {"pnginfo": info}
+    elif fmt == "JPEG":
+        options = {"quality": 95, "comment": text.encode()}
+    else:
+        exif = Image.Exif()
+        exif[0x010E] = text  # ImageDescription
+        options = {"quality": 95, "exif": exif}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, format=fmt, **options)
+    except OSError as exc:
+        raise ValueError(f"cannot write {str(path)!r}: {exc}") from exc
     return path
 
 

@@ -131,13 +131,14 @@ class Pipeline:
         including weights only the previous LoRAs touched. Call between requests. Returns what changed and the time.
         """
         from sdexport.engines.lora import LoraSwapper
+        from sdexport.engines.lora_checks import lora_pairs
 
         t0 = time.perf_counter()
         with self._lock:
             if self._swapper is None:
                 self._swapper = LoraSwapper(self.folder, self.manifest)
             swapper = self._swapper
-            update = swapper.update([(Path(p), float(w)) for p, w in loras])
+            update = swapper.update(lora_pairs(loras))
             for name in update.changed:
                 engine = self.engines[name]
                 component = getattr(engine, "component", None)

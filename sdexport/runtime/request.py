@@ -12,6 +12,7 @@ import numpy as np
 from sdexport.runtime.args import LONG_PROMPTS, GenerationArgs, check_callables, check_closed_sets
 from sdexport.runtime.conditioning import Prompts, SizeConditions
 from sdexport.runtime.images import as_latents, broadcast, default_size, preprocess_image, preprocess_mask
+from sdexport.runtime.latent_files import TaggedLatents
 from sdexport.runtime.noise import check_seeds
 from sdexport.runtime.result import GenerationResult, RequestError
 from sdexport.specs import ModelSpec, ShapeRanges
@@ -73,12 +74,24 @@ def _texts(value: Any, name: str, count: int | None) -> tuple[str, ...] | None:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, Sequence) or not items or not all(isinstance(t, str) for t in items):
         raise _fail(f"{name} must be a string or a non-empty list of strings; got {value!r}")
+    for text in items:
+        _check_unicode(text, name)
     if count is not None:
         try:
             return tuple(broadcast(list(items), count, name))
         except ValueError as exc:
             raise _fail(str(exc)) from exc
     return tuple(items)
+
+
+def _check_unicode(text: str, name: str) -> None:
+    """Refuse text with lone surrogates: what undecodable command-line bytes become, and no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise _fail(f"{name} has a character that is not valid Unicode ({bad!r} at position {exc.start}, a lone "
+                    "surrogate, as undecodable command-line bytes become): pass text encoded in UTF-8") from None
 
 
 def _number(value: Any, name: str, low: float, high: float, *, open_low: bool = False,
@@ -151,6 +164,9 @@ def _convert(pictures: list[Any], name: str, convert: Callable[[Any, int, int], 
                 rows[id(picture)] = convert(picture, height, width)
     except (ValueError, TypeError, OSError) as exc:
         message = str(exc)
+        source = getattr(picture, "filename", "")  # a PIL image opened from a file
+        if isinstance(exc, OSError) and source:
+            message = f"cannot decode {source!r} ({message}): the file is truncated or corrupt"
         raise _fail(message if message.startswith(name) else f"{name}: {message}") from exc
     return np.concatenate([rows[id(p)] for p in pictures])
 
@@ -221,8 +237,10 @@ def _input_latents(spec: ModelSpec, image_latents: np.ndarray, count: int, num_i
                    args: GenerationArgs) -> tuple[int, int]:
     """Check latents passed as ``image``; the (height, width) they imply."""
     source = args.image
-    if isinstance(source, GenerationResult) and source.latent_space != latent_space(spec):
-        raise _fail(f"these latents come from a folder with latent space {source.latent_space} (scaling "
+    space = source.latent_space if isinstance(source, GenerationResult | TaggedLatents) else None
+    if space is not None and tuple(space) != latent_space(spec):
+        origin = f"{source.source} ({source.family} latents)" if isinstance(source, TaggedLatents) else "latents"
+        raise _fail(f"these {origin} come from a folder with latent space {tuple(space)} (scaling "
                     f"factor, VAE factor, channels); this {spec.family} folder uses {latent_space(spec)}: "
                     "hand latents only between matching folders (SDXL base -> refiner)")
     if image_latents.shape[0] not in (1, count, num_images):

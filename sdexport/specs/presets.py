@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from sdexport.demo import MODEL_DIR as DEMO_MODEL_DIR
 from sdexport.specs.families import family
-from sdexport.specs.ranges import ShapeRanges
+from sdexport.specs.ranges import ShapeRanges, native_ranges
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,25 @@ PRESETS: dict[str, Preset] = {**SHIPPED_PRESETS, **FAMILY_PRESETS, **TINY_PRESET
 def resolve_preset(name: str) -> Preset | None:
     """The preset called ``name``, or None when ``name`` is not a preset (a hub id or a folder)."""
     return PRESETS.get(name)
+
+
+def source_ranges(preset: Preset | None, family_name: str, configs: Mapping[str, Any],
+                  given: Mapping[str, Any] | None = None) -> tuple[ShapeRanges, str]:
+    """The shape ranges of a build and why: ``given`` fields over the preset's documented ranges, or over ranges
+    from the model's own configs (hub ids and folders, ``native_ranges``)."""
+    if preset is not None:
+        base, why = preset.default_ranges, f"the {preset.name} preset's documented ranges"
+    else:
+        base, why = native_ranges(configs["unet"], configs["vae"], family(family_name).default_ranges)
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    unknown = sorted(set(given) - {"batch", "height", "width", "prompt_chunks"})
+    if unknown:
+        raise ValueError(f"shape range(s) {unknown} unknown; give batch, height, width or prompt_chunks")
+    if not given:
+        return base, why
+    ranges = replace(base, **{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in given.items()})
+    rest = [k for k in ("batch", "height", "width", "prompt_chunks") if k not in given]
+    return ranges, f"given: {', '.join(given)}" + (f"; {', '.join(rest)} {why}" if rest else "")
 
 
 def default_ranges_for(family_name: str, tiny: bool) -> ShapeRanges:

@@ -41,10 +41,40 @@ def resolve_config(
             f"{class_name} has no config key(s) {unknown}; valid keys: {sorted(defaults)}"
         )
     init = {k: overrides.get(k, config.get(k, v)) for k, v in defaults.items()}
+    for key, value in init.items():
+        check_value(class_name, key, value, defaults[key])
     hidden = {k: v for k, v in config.items() if k not in defaults}
     if hidden:
         logger.debug("%s ignores config keys %s (as diffusers does)", class_name, sorted(hidden))
     return MappingProxyType(init), MappingProxyType(hidden)
+
+
+POSITIVE_KEYS = frozenset({"num_train_timesteps", "beta_start", "beta_end", "solver_order"})
+"""Config keys that must be > 0 (a zero is a division or an empty table later)."""
+
+
+def check_value(class_name: str, key: str, value: Any, default: Any) -> None:
+    """Raise naming ``key`` when ``value`` is not of the type of its default (a finite number, an int, a bool).
+
+    None is left to the scheduler (some keys take it); strings and lists are checked where they are used.
+    """
+    if value is None or default is None:
+        return
+    if isinstance(default, bool):
+        ok, what = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        # NaN never; infinity only where the default is infinite (lambda_min_clipped = -inf: no clipping)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+        ok = ok and (math.isfinite(value) or not math.isfinite(default))
+        what = "a finite number"
+    else:
+        return
+    if ok and key in POSITIVE_KEYS and value <= 0:
+        ok, what = False, f"{what} > 0"
+    if not ok:
+        raise SchedulerConfigError(f"{class_name}: config key {key!r}={value!r} is not allowed; it must be {what}")
 
 
 def check_choice(class_name: str, key: str, value: Any, allowed: Iterable[Any], why: str = "") -> None:
