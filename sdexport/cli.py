@@ -13,6 +13,7 @@ from typing import Any
 from sdexport import __version__
 from sdexport.engines import Backend, Option, backends, get_backend
 from sdexport.errors import SdexportError, UsageError
+from sdexport.serve.cli import add_serve_parser, run_serve
 from sdexport.specs import PRESETS
 
 log = logging.getLogger("sdexport")
@@ -274,6 +275,7 @@ def parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_parity(sub)
     _add_doctor(sub)
+    add_serve_parser(sub, _add_backend_choice)
     return ap
 
 
@@ -338,6 +340,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "build": _cmd_build, "info": _cmd_info, "run": _cmd_run, "parity": _cmd_parity, "doctor": _cmd_doctor,
+    "serve": run_serve,
 }
 
 
