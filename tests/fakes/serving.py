@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -74,3 +76,23 @@ class HeldPipeline:
         self.calls += 1
         self.release.wait(30)
         return self.pipe.generate(args)
+
+
+class SlowPipeline:
+    """A Pipeline whose every denoising step takes at least ``seconds`` more (so only cancelling ends it early)."""
+
+    def __init__(self, pipe: Any, seconds: float = 0.01) -> None:
+        self.pipe, self.seconds = pipe, seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def generate(self, args: Any) -> Any:
+        """Generate with a slower step callback."""
+        callback = args.callback
+
+        def slow(*step: Any) -> Any:
+            time.sleep(self.seconds)
+            return callback(*step) if callback is not None else None
+
+        return self.pipe.generate(dataclasses.replace(args, callback=slow))
