@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -205,7 +206,8 @@ def test_uploaded_pictures_over_the_pixel_cap_are_refused_before_decoding(pipe: 
                                       "param": "image", "code": "422"}
 
 
-def test_auth_refuses_missing_and_wrong_tokens_before_anything_runs(pipe: Any) -> None:
+def test_auth_refuses_missing_and_wrong_tokens_before_anything_runs(pipe: Any, caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG, logger="sdexport")
     held = HeldPipeline(pipe)
     held.release.set()
     body = {"prompt": "a", "num_inference_steps": STEPS}
@@ -223,6 +225,11 @@ def test_auth_refuses_missing_and_wrong_tokens_before_anything_runs(pipe: Any) -
     assert missing.headers["www-authenticate"] == "Bearer" and "s3cret" not in wrong.text
     assert health.status_code == 200 and right.status_code == 200
     assert held.calls == 1  # only the authenticated request reached the pipeline
+    assert "s3cret" not in caplog.text and "wrong" not in caplog.text  # keys are never logged
+    access = [json.loads(r.getMessage()) for r in caplog.records if r.name == "sdexport.serve.access"]
+    assert [(line["path"], line["status"]) for line in access] == [
+        ("/v1/generate", 401), ("/v1/generate", 401), ("/metrics", 401), ("/healthz", 200), ("/v1/generate", 200)]
+    assert right.headers["x-request-id"] == access[-1]["request_id"]
 
 
 def test_readyz_is_false_until_the_warm_up_finishes(pipe: Any) -> None:

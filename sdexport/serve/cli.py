@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 import typing
 from collections.abc import Callable
 from dataclasses import fields
@@ -56,9 +58,20 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         raise UsageError(str(exc)) from exc
 
 
+def _access_log(quiet: bool) -> None:
+    """The access log's JSON lines go to stderr as they are (one object per request), unless -q."""
+    logger = logging.getLogger("sdexport.serve.access")
+    logger.propagate = False
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Run ``sdexport serve``: uvicorn on host:port, or a Ray Serve deployment with --ray."""
     config = config_from(args)
+    _access_log(getattr(args, "quiet", False))
     options = {"threads": args.threads} if args.threads else {}
     if args.ray:
         from sdexport.serve.ray_serve import ReplicaPlan, run_on_ray
