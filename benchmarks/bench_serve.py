@@ -3,8 +3,9 @@
 Each case starts `sdexport serve FOLDER` in its own process on 127.0.0.1 (batching on: --max-batch 4; off:
 --max-batch 1), then N client threads (1, 4, 16) each send POST /v1/images/generations back to back for a fixed
 time. The peer measured in the same run is a direct `Pipeline` call in this process with the same arguments; the
-server's overhead per request (HTTP, JSON, PNG + base64) is the 1-client, batching-off median minus the direct
-median. Results: JSON lines in benchmarks/results/serve.jsonl and a table on stdout.
+server's overhead per request (HTTP, JSON, PNG + base64) is the median paired difference between the same request
+through the idle server and the direct call, interleaved so both see the same machine load. Results: JSON lines in
+benchmarks/results/serve.jsonl and a table on stdout.
 
     python benchmarks/bench_serve.py                          # tiny-sd15 (built once into the bench cache)
     python benchmarks/bench_serve.py --sd15-256 --seconds 60  # + the full SD 1.5 architecture at 256x256
@@ -103,21 +104,27 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50_s": float(p50), "p95_s": float(p95), "p99_s": float(p99)}
 
 
-def direct(folder: Path, body: dict[str, Any], repeats: int) -> dict[str, float]:
-    """The peer: median seconds of a direct Pipeline call with the same arguments, and of PNG + base64 encoding."""
-    pipe = Pipeline.load(folder)
-    height, width = body["height"], body["width"]
-    args = {"num_inference_steps": body["num_inference_steps"], "height": height, "width": width}
+def paired_overhead(base: str, pipe: Pipeline, body: dict[str, Any], repeats: int) -> dict[str, float]:
+    """The peer, interleaved with the server so both see the same machine load: medians of a direct Pipeline call,
+    of the same request through the idle server (one client), of their paired difference, and of PNG + base64."""
+    args = {"num_inference_steps": body["num_inference_steps"], "height": body["height"], "width": body["width"]}
+    request = {k: v for k, v in body.items() if k not in ("height", "width")}
     pipe("warm-up", seed=0, **args)
-    calls, encodes = [], []
-    for index in range(repeats):
-        t0 = time.perf_counter()
-        result = pipe(body["prompt"], seed=index, **args)
-        calls.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        base64.b64encode(png_bytes(result.images[0], result.parameters))
-        encodes.append(time.perf_counter() - t0)
-    return {"direct_s": statistics.median(calls), "encode_s": statistics.median(encodes)}
+    calls, served, encodes = [], [], []
+    with httpx.Client(timeout=600) as http:
+        for index in range(repeats):
+            t0 = time.perf_counter()
+            result = pipe(body["prompt"], seed=index, **args)
+            calls.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            base64.b64encode(png_bytes(result.images[0], result.parameters))
+            encodes.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            http.post(f"{base}/v1/images/generations", json={**request, "seed": index}).raise_for_status()
+            served.append(time.perf_counter() - t0)
+    return {"direct_s": statistics.median(calls), "server_s": statistics.median(served),
+            "overhead_s": statistics.median(s - d for s, d in zip(served, calls, strict=True)),
+            "encode_s": statistics.median(encodes)}
 
 
 def _record(run_id: str, kind: str, case: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -142,13 +149,13 @@ def bench_folder(folder: Path, name: str, args: argparse.Namespace, run_id: str)
                 lines.append(_record(run_id, "serve", case, batching=batching, clients=clients, **stats))
                 sys.stdout.write(_row(lines[-1]) + "\n")
                 sys.stdout.flush()
+            if not batching:
+                peer = paired_overhead(base, Pipeline.load(folder), {**body, "height": height, "width": width},
+                                       args.repeats)
+                lines.append(_record(run_id, "serve_overhead", case, **peer))
         finally:
             server.terminate()
             server.wait(timeout=120)
-    peer = direct(folder, {**body, "height": height, "width": width}, args.repeats)
-    served = next(r for r in lines if not r["batching"] and r["clients"] == min(args.clients))["p50_s"]
-    lines.append(_record(run_id, "serve_overhead", case, **peer, server_s=served,
-                         overhead_s=None if served is None else served - peer["direct_s"]))
     return lines
 
 
@@ -175,9 +182,10 @@ def table(lines: list[dict[str, Any]]) -> str:
                        f"{r['images_per_s'] / max(off['images_per_s'], 1e-9):.2f}x the images/s")
     for r in lines:
         if r["kind"] == "serve_overhead" and r["overhead_s"] is not None:
-            out.append(f"- {r['model']}: direct Pipeline call {r['direct_s'] * 1000:.1f} ms, through the server "
-                       f"{r['server_s'] * 1000:.1f} ms (p50, 1 client): overhead {r['overhead_s'] * 1000:.1f} ms "
-                       f"per request, of which PNG + base64 {r['encode_s'] * 1000:.1f} ms")
+            out.append(f"- {r['model']}: direct Pipeline call {r['direct_s'] * 1000:.1f} ms, the same request "
+                       f"through the idle server {r['server_s'] * 1000:.1f} ms (medians, interleaved): overhead "
+                       f"{r['overhead_s'] * 1000:.1f} ms per request, of which PNG + base64 "
+                       f"{r['encode_s'] * 1000:.1f} ms")
     return "\n".join(out)
 
 
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=lambda t: tuple(int(v) for v in t.split("x"))[::-1], help="WIDTHxHEIGHT")
     ap.add_argument("--max-batch", type=int, default=4)
     ap.add_argument("--window-ms", type=float, default=10.0)
-    ap.add_argument("--repeats", type=int, default=10, help="direct Pipeline calls of the peer")
+    ap.add_argument("--repeats", type=int, default=20, help="interleaved direct / served calls of the peer")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     folders = [(f, f.name) for f in args.folder]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ from fakes.serving import HeldPipeline, SlowPipeline, pixels, serving, until
 from sdexport.runtime.args import GenerationArgs
 from sdexport.serve.app import create_app
 from sdexport.serve.config import ServeConfig
-from sdexport.serve.merge import batch_key
+from sdexport.serve.merge import Share, batch_key, merged_args, split_result
 
 STEPS = 3
 LONG = 500
@@ -129,16 +130,22 @@ def test_queue_full_is_429_with_retry_after_and_queued_deadlines_never_run(pipe:
 def test_deadline_cancels_the_denoising_loop_with_504_and_frees_the_worker(pipe: Any) -> None:
     app = create_app(SlowPipeline(pipe), ServeConfig(warmup_steps=0, workers=1))
 
-    async def go() -> tuple[Any, Any]:
+    async def go() -> tuple[Any, Any, float]:
         async with serving(app) as client:
-            late = await client.post("/v1/generate", json={"prompt": "a", "num_inference_steps": LONG, "height": 32,
-                                                            "width": 32, "timeout": 0.5})
+            late = asyncio.ensure_future(client.post("/v1/generate", json={
+                "prompt": "a", "num_inference_steps": LONG, "height": 32, "width": 32, "timeout": 1.0}))
+            await until(lambda: len(app.state.service.batcher.running) == 1)
+            t0 = time.perf_counter()
+            await client.get("/healthz")  # answered while the worker thread generates
+            health_s = time.perf_counter() - t0
             await until(lambda: _cancelled_batches(app) == 1)  # the loop stopped at its next step
-            return late, await client.post("/v1/generate", json={"prompt": "a", "num_inference_steps": STEPS})
+            return await late, await client.post("/v1/generate", json={"prompt": "a", "num_inference_steps": STEPS}), \
+                health_s
 
-    late, next_one = _run(go())
+    late, next_one, health_s = _run(go())
     assert late.status_code == 504 and late.json()["error"]["type"] == "timeout"
     assert next_one.status_code == 200  # the only worker was free again
+    assert health_s < 0.9  # the event loop was not blocked: the deadline (1 s) had not passed yet
 
 
 def test_client_disconnect_cancels_the_request(pipe: Any) -> None:
@@ -172,3 +179,21 @@ def test_client_disconnect_cancels_the_request(pipe: Any) -> None:
 
     _run(go())
     assert sent[0]["status"] == 499
+
+
+def test_a_merged_sdxl_batch_keeps_every_requests_prompts_second_prompts_and_negatives(
+        tiny_pipe: Callable[[str], Any]) -> None:
+    sdxl = tiny_pipe("tiny-sdxl")
+    requests = [{"prompt": "a", "prompt_2": "b", "negative_prompt": "c", "negative_prompt_2": "d", "seed": 1},
+                {"prompt": "e", "negative_prompt": "g", "num_images_per_prompt": 2, "seed": 4},
+                {"prompt": ["h"], "negative_prompt": ["i"], "seed": [8]}]  # 4 images: the folder's batch maximum
+    common = {"num_inference_steps": STEPS, "output_type": "np", "scheduler": "euler_a"}
+    shares = [Share(args, sdxl.validate(args)[0]) for args in (GenerationArgs(**r, **common) for r in requests)]
+    assert len({batch_key(share.args, share.request) for share in shares}) == 1
+    merged = merged_args(shares, None)
+    assert merged.prompt == ["a", "e", "e", "h"] and merged.prompt_2 == ["b", "e", "e", "h"]
+    assert merged.negative_prompt_2 == ["d", "g", "g", "i"] and merged.seed == [1, 4, 5, 8]
+    for request, share in zip(requests, split_result(sdxl.generate(merged), shares), strict=True):
+        alone = sdxl(**request, **common)
+        np.testing.assert_array_equal(share.images, alone.images)  # exact pixels
+        assert share.seeds == alone.seeds and share.parameters == alone.parameters

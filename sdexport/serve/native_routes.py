@@ -67,13 +67,13 @@ async def _stream(service: Service, share: Share, timeout: float | None, request
 
 @router.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS,
              summary="Generate with every Pipeline argument; stream=true answers with server-sent events")
-async def generate(body: GenerateRequest, request: Request) -> Any:  # type: ignore[valid-type]
+async def generate(body: GenerateRequest, request: Request) -> Any:
     """Native generation: seeds, timings and the PNG parameters in the answer; SSE progress with stream=true."""
     service = service_of(request)
     share = service.validate(native_args(body, service.config.max_image_pixels))
     request_id = request.state.request_id
-    if body.stream:  # type: ignore[attr-defined]
-        return StreamingResponse(_stream(service, share, body.timeout, request_id),  # type: ignore[attr-defined]
+    if body.stream:
+        return StreamingResponse(_stream(service, share, body.timeout, request_id),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-    outcome = await service.run(share, body.timeout, request)  # type: ignore[attr-defined]
+    outcome = await service.run(share, body.timeout, request)
     return await native_answer(outcome, request_id)

@@ -78,11 +78,11 @@ def _validate(service: Service, args: GenerationArgs, size: str | None) -> Any:
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS,
              summary="Create images (OpenAI-compatible)")
-async def generations(body: ImagesRequest, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
+async def generations(body: ImagesRequest, request: Request) -> dict[str, Any]:
     """Text to image, OpenAI's request shape plus sdexport's optional fields; b64_json answers only."""
     service = service_of(request)
-    share = _validate(service, openai_args(body, OPENAI_EXTRAS, service), body.size)  # type: ignore[attr-defined]
-    outcome = await service.run(share, body.timeout, request)  # type: ignore[attr-defined]
+    share = _validate(service, openai_args(body, OPENAI_EXTRAS, service), body.size)
+    outcome = await service.run(share, body.timeout, request)
     return await openai_answer(outcome)
 
 
@@ -91,7 +91,7 @@ _EDITS_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     "properties": {"image": {"type": "string", "format": "binary"},
                    "mask": {"type": "string", "format": "binary", "description": "transparent (alpha 0) pixels "
                             "are repainted; a mask without alpha: white is repainted"},
-                   **{k: v for k, v in EditsRequest.model_json_schema()["properties"].items()}}}}}}}
+                   **EditsRequest.model_json_schema()["properties"]}}}}}}
 
 
 async def _form_fields(request: Request) -> tuple[dict[str, Any], UploadFile, UploadFile | None]:
@@ -126,6 +126,6 @@ async def edits(request: Request) -> dict[str, Any]:
     if mask is not None:
         pictures["mask_image"] = edit_mask(read_picture(await mask.read(), "mask", cap))
     args = openai_args(body, EDIT_EXTRAS, service, **pictures)
-    share = _validate(service, args, body.size)  # type: ignore[attr-defined]
-    outcome = await service.run(share, body.timeout, request)  # type: ignore[attr-defined]
+    share = _validate(service, args, body.size)
+    outcome = await service.run(share, body.timeout, request)
     return await openai_answer(outcome)

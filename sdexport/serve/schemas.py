@@ -60,13 +60,13 @@ def _openai_fields(extras: tuple[str, ...]) -> dict[str, Any]:
     return fields
 
 
-GenerateRequest: type[BaseModel] = create_model(  # type: ignore[call-overload]
+GenerateRequest: type[BaseModel] = create_model(
     "GenerateRequest", __config__=_strict(), __doc__="Every argument of Pipeline.__call__, plus timeout and stream.",
     **_native_fields())
-ImagesRequest: type[BaseModel] = create_model(  # type: ignore[call-overload]
+ImagesRequest: type[BaseModel] = create_model(
     "ImagesRequest", __config__=_strict(), __doc__="OpenAI's images/generations body plus sdexport's own fields.",
     **_openai_fields(OPENAI_EXTRAS))
-EditsRequest: type[BaseModel] = create_model(  # type: ignore[call-overload]
+EditsRequest: type[BaseModel] = create_model(
     "EditsRequest", __config__=_strict(), __doc__="The text fields of OpenAI's images/edits form plus sdexport's.",
     **_openai_fields(EDIT_EXTRAS))
 
