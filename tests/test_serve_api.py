@@ -29,10 +29,6 @@ def pipe(tiny_pipe: Callable[[str], Any]) -> Any:
     return tiny_pipe("tiny-sd15")
 
 
-def _run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
 def test_openai_generations_equal_direct_pipeline_calls(pipe: Any) -> None:
     async def go() -> Any:
         async with serving(create_app(pipe, FAST)) as client:
@@ -40,7 +36,7 @@ def test_openai_generations_equal_direct_pipeline_calls(pipe: Any) -> None:
                 "prompt": "a lighthouse", "n": 2, "size": "64x48", "response_format": "b64_json", "seed": 7,
                 "num_inference_steps": STEPS, "negative_prompt": "fog", "guidance_scale": 6.0})
 
-    answer = _run(go())
+    answer = asyncio.run(go())
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert set(body) == {"created", "data"} and len(body["data"]) == 2
@@ -63,7 +59,7 @@ def test_the_openai_client_library_is_accepted(pipe: Any) -> None:
                                                  response_format="b64_json",
                                                  extra_body={"seed": 3, "num_inference_steps": STEPS})
 
-    result = _run(go())
+    result = asyncio.run(go())
     alone = pipe("a cat", seed=3, num_inference_steps=STEPS, output_type="np")
     np.testing.assert_array_equal(pixels(result.data[0].b64_json), alone.images[0])
 
@@ -78,7 +74,7 @@ def test_native_generate_returns_seeds_timings_parameters_and_latents(pipe: Any)
                                                               "num_inference_steps": STEPS})
             return png, latent
 
-    png, latent = _run(go())
+    png, latent = asyncio.run(go())
     assert png.status_code == 200, png.text
     body = png.json()
     alone = pipe(["a", "b"], seed=[11, 4], num_inference_steps=STEPS, scheduler="euler_a", output_type="np")
@@ -116,7 +112,7 @@ def test_native_img2img_and_edits_equal_direct_calls(pipe: Any, picture: Image.I
                 "prompt": "a", "seed": "5", "num_inference_steps": str(STEPS), "n": "2"})
             return native, edit, inpaint
 
-    native, edit, inpaint = _run(go())
+    native, edit, inpaint = asyncio.run(go())
     img2img = pipe("a", image=small, seed=5, strength=0.6, num_inference_steps=STEPS, output_type="np").images[0]
     np.testing.assert_array_equal(pixels(native.json()["images"][0]["b64_json"]), img2img)
     np.testing.assert_array_equal(pixels(edit.json()["data"][0]["b64_json"]), img2img)
@@ -133,7 +129,7 @@ def test_sse_variant_streams_every_step_then_the_result(pipe: Any) -> None:
             return await client.post("/v1/generate", json={"prompt": "a", "seed": 1, "num_inference_steps": STEPS,
                                                             "stream": True})
 
-    answer = _run(go())
+    answer = asyncio.run(go())
     assert answer.headers["content-type"].startswith("text/event-stream")
     events = [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
               for block in answer.text.strip().split("\n\n")]
@@ -169,7 +165,7 @@ def test_bad_requests_name_the_field(pipe: Any, path: str, body: dict[str, Any],
         async with serving(create_app(pipe, FAST)) as client:
             return await client.post(path, json=body)
 
-    answer = _run(go())
+    answer = asyncio.run(go())
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and text in error["message"], error
@@ -184,7 +180,7 @@ def test_library_errors_are_422_with_the_library_message_and_bad_json_is_400(pip
             huge = await client.post("/v1/generate", json={"prompt": "a" * 5000})
             return library, bad_json, huge
 
-    library, bad_json, huge = _run(go())
+    library, bad_json, huge = asyncio.run(go())
     assert library.status_code == 422
     assert library.json()["error"]["message"] == _library_message(pipe, prompt="a", guidance_rescale=3.0)
     assert library.json()["error"]["param"] == "guidance_rescale"
@@ -199,7 +195,7 @@ def test_uploaded_pictures_over_the_pixel_cap_are_refused_before_decoding(pipe: 
         async with serving(create_app(pipe, ServeConfig(warmup_steps=1, max_image_pixels=256 * 256))) as client:
             return await client.post("/v1/generate", json={"prompt": "a", "image": big})
 
-    answer = _run(go())
+    answer = asyncio.run(go())
     assert answer.status_code == 422
     assert answer.json()["error"] == {"message": "image is 300x300 = 90000 pixels; the server accepts at most 65536 "
                                       "pixels (--max-image-pixels)", "type": "invalid_request_error",
@@ -220,7 +216,7 @@ def test_auth_refuses_missing_and_wrong_tokens_before_anything_runs(pipe: Any, c
                     await client.get("/healthz"),
                     await client.post("/v1/generate", json=body, headers={"Authorization": "Bearer s3cret"})]
 
-    missing, wrong, metrics, health, right = _run(go())
+    missing, wrong, metrics, health, right = asyncio.run(go())
     assert missing.status_code == wrong.status_code == metrics.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer" and "s3cret" not in wrong.text
     assert health.status_code == 200 and right.status_code == 200
@@ -246,7 +242,7 @@ def test_readyz_is_false_until_the_warm_up_finishes(pipe: Any) -> None:
             await until(lambda: app.state.service.ready)
             return (*early, await client.get("/readyz"))
 
-    not_ready, refused, health, ready = _run(go())
+    not_ready, refused, health, ready = asyncio.run(go())
     assert not_ready.status_code == 503 and not_ready.json()["state"] == "warming up"
     assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
     assert health.status_code == 200
@@ -260,7 +256,7 @@ def test_metrics_count_requests_batches_and_stages(pipe: Any) -> None:
             await client.post("/v1/generate", json={"prompt": "a", "bogus": 1})
             return (await client.get("/metrics")).text
 
-    text = _run(go())
+    text = asyncio.run(go())
     assert 'sdexport_requests_total{endpoint="/v1/generate",status="200"} 1.0' in text
     assert 'sdexport_requests_total{endpoint="/v1/generate",status="422"} 1.0' in text
     assert "sdexport_queue_depth 0.0" in text
@@ -275,7 +271,7 @@ def test_openapi_docs_list_every_endpoint(pipe: Any) -> None:
         async with serving(create_app(pipe, FAST)) as client:
             return await client.get("/openapi.json"), await client.get("/docs")
 
-    schema, docs = _run(go())
+    schema, docs = asyncio.run(go())
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert set(schema.json()["paths"]) == {"/v1/images/generations", "/v1/images/edits", "/v1/generate", "/healthz",
                                            "/readyz", "/metrics"}

@@ -27,10 +27,6 @@ def pipe(tiny_pipe: Callable[[str], Any]) -> Any:
     return tiny_pipe("tiny-sd15")
 
 
-def _run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
 def _cancelled_batches(app: Any) -> float:
     return app.state.service.metrics.batches.labels("cancelled")._value.get()
 
@@ -68,7 +64,7 @@ def test_batched_requests_get_exactly_the_pixels_they_would_get_alone(pipe: Any,
             await blocker
             return list(await asyncio.gather(*calls))
 
-    answers = _run(go())
+    answers = asyncio.run(go())
     batch_images = [a.json().get("batch_images") for a in answers[:2]]
     if max_batch == 4:  # the three compatible requests (4 images) ran as one batch; the 2-step one alone
         assert batch_images == [4, 4] and held.calls == 3
@@ -119,7 +115,7 @@ def test_queue_full_is_429_with_retry_after_and_queued_deadlines_never_run(pipe:
             held.release.set()
             return full, expired, await running, await after
 
-    full, expired, running, after = _run(go())
+    full, expired, running, after = asyncio.run(go())
     assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
     assert "queue is full" in full.json()["error"]["message"] and "--max-queue 1" in full.json()["error"]["message"]
     assert expired.status_code == 504 and "deadline of 0.3 s" in expired.json()["error"]["message"]
@@ -142,7 +138,7 @@ def test_deadline_cancels_the_denoising_loop_with_504_and_frees_the_worker(pipe:
             return await late, await client.post("/v1/generate", json={"prompt": "a", "num_inference_steps": STEPS}), \
                 health_s
 
-    late, next_one, health_s = _run(go())
+    late, next_one, health_s = asyncio.run(go())
     assert late.status_code == 504 and late.json()["error"]["type"] == "timeout"
     assert next_one.status_code == 200  # the only worker was free again
     assert health_s < 0.9  # the event loop was not blocked: the deadline (1 s) had not passed yet
@@ -177,7 +173,7 @@ def test_client_disconnect_cancels_the_request(pipe: Any) -> None:
             assert started.is_set()
             await until(lambda: _cancelled_batches(app) == 1 and not app.state.service.batcher.running)
 
-    _run(go())
+    asyncio.run(go())
     assert sent[0]["status"] == 499
 
 

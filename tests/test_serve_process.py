@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from fakes.serving import SlowPipeline, free_port, pixels
+from fakes.serving import SlowPipeline, free_port, pixels, wait_ready
 from sdexport.serve.app import create_app
 from sdexport.serve.config import ServeConfig
 
@@ -29,18 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def folder(tiny_folder: Callable[[str], Path]) -> Path:
     return tiny_folder("tiny-sd15")
-
-
-def _wait_ready(base: str, timeout: float = 90.0, alive: Callable[[], bool] = lambda: True) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and alive():
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{base} did not become ready within {timeout} s")
 
 
 @pytest.fixture
@@ -53,7 +41,7 @@ def live(tiny_pipe: Callable[[str], Any]) -> Iterator[tuple[str, Any]]:
     thread.start()
     base = f"http://127.0.0.1:{server.config.port}"
     try:
-        _wait_ready(base, timeout=30)
+        wait_ready(base, timeout=30)
         yield base, app
     finally:
         server.should_exit = True
@@ -106,7 +94,7 @@ def test_sigterm_stops_accepting_drains_the_request_in_flight_and_exits_0(folder
                                "--warmup-steps", "1", "--drain-s", "30"], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_ready(base, alive=lambda: server.poll() is None)
+        wait_ready(base, alive=lambda: server.poll() is None)
         body = {"prompt": "a", "num_inference_steps": 400, "height": 32, "width": 32, "seed": 1, "stream": True}
         kinds: list[str] = []
         with httpx.stream("POST", f"{base}/v1/generate", json=body, timeout=60) as response:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from fakes.serving import free_port, pixels
+from fakes.serving import free_port, pixels, wait_ready
 from sdexport.serve.config import ServeConfig
 from sdexport.serve.ray_serve import ReplicaPlan, build_deployment
 
@@ -58,14 +57,7 @@ def test_ray_serve_runs_one_replica_per_gpu_with_the_same_images(ray_instance: A
     serve.run(build_deployment(tiny_folder("tiny-sd15"), ServeConfig(warmup_steps=1), plan), name="sdexport",
               route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    wait_ready(base, timeout=120)
     assert ray_instance.available_resources().get("GPU", 0) == 0  # each replica holds one of the two GPUs
     status = serve.status().applications["sdexport"].deployments["sdexport"]
     assert status.replica_states.get("RUNNING") == 2, status

@@ -62,6 +62,19 @@ async def until(check: Any, timeout: float = 10.0) -> None:
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+def wait_ready(base: str, timeout: float = 90.0, alive: Any = lambda: True) -> None:
+    """Poll ``base``/readyz over HTTP until it answers 200 (while ``alive()``); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{base} did not become ready within {timeout} s")
+
+
 class HeldPipeline:
     """A Pipeline whose ``generate`` first waits for ``release`` (set it to let calls through); counts calls."""
 
