@@ -68,10 +68,12 @@ def _lifespan(source: Any, config: ServeConfig, backend: str, engine_options: Ma
 def _ops(app: FastAPI) -> None:
     @app.get("/healthz", tags=["operations"], summary="The process is alive")
     async def healthz() -> dict[str, str]:
+        """200 while the process is alive."""
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["operations"], summary="Engines loaded and warmed up, requests accepted")
     async def readyz(request: Request) -> JSONResponse:
+        """200 once the engines are loaded and warm and requests are accepted; 503 (with the reason) before/after."""
         service, failure = request.app.state.service, request.app.state.failure
         if service is not None and service.ready:
             return JSONResponse({"ready": True, "queue_depth": service.batcher.depth})
@@ -80,6 +82,7 @@ def _ops(app: FastAPI) -> None:
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def metrics(request: Request) -> Response:
+        """Prometheus text exposition of the server's metrics."""
         service = request.app.state.service
         body = service.metrics.render() if service is not None else b""
         return Response(body, media_type=CONTENT_TYPE_LATEST)
