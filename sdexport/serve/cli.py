@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import typing
@@ -11,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from sdexport.errors import UsageError
+from sdexport.errors import SdexportError, UsageError
 from sdexport.serve.config import API_KEY_ENV, ServeConfig
 
 
@@ -68,14 +69,23 @@ def _access_log(quiet: bool) -> None:
     logger.addHandler(handler)
 
 
+def _require(*modules: str, extra: str) -> None:
+    """Raise SdexportError naming the extra to install when one of ``modules`` is missing."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SdexportError(f"sdexport serve needs {', '.join(missing)}: pip install 'sdexport[{extra}]'")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Run ``sdexport serve``: uvicorn on host:port, or a Ray Serve deployment with --ray."""
     config = config_from(args)
     _access_log(getattr(args, "quiet", False))
     options = {"threads": args.threads} if args.threads else {}
+    _require("fastapi", "uvicorn", "prometheus_client", "multipart", extra="serve")
     if args.ray:
         from sdexport.serve.ray_serve import ReplicaPlan, run_on_ray
 
+        _require("ray", extra="ray")
         plan = ReplicaPlan(num_replicas=args.num_replicas, min_replicas=args.min_replicas,
                            max_replicas=args.max_replicas, num_gpus=args.num_gpus, num_cpus=args.num_cpus)
         return run_on_ray(args.folder, config, plan, backend=args.backend, engine_options=options,
