@@ -155,6 +155,8 @@ BAD = [
     ("/v1/images/generations", {"prompt": "a", "n": 500}, 422, "n", "n=500 is out of range; allowed: 1..4"),
     ("/v1/images/generations", {"prompt": "a", "response_format": "url"}, 400, "response_format", "stores nothing"),
     ("/v1/images/generations", {"n": 1}, 422, "prompt", "Field required"),
+    ("/v1/generate", {"prompt": "a", "image": "/etc/hostname"}, 422, "image", "not valid base64"),  # never a path
+    ("/v1/generate", {"prompt": "a", "mask_image": "L2V0Yy9wYXNzd2Q="}, 422, "mask_image", "not a picture"),
 ]
 
 
