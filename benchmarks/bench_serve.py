@@ -133,6 +133,17 @@ def _record(run_id: str, kind: str, case: dict[str, Any], **fields: Any) -> dict
             **case, **fields}
 
 
+def emit(out: Path, line: dict[str, Any]) -> dict[str, Any]:
+    """Append one result line to ``out`` at once (a long run that is stopped keeps what it measured)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as stream:
+        stream.write(json.dumps(line) + "\n")
+    if line["kind"] == "serve":
+        sys.stdout.write(_row(line) + "\n")
+        sys.stdout.flush()
+    return line
+
+
 def bench_folder(folder: Path, name: str, args: argparse.Namespace, run_id: str) -> list[dict[str, Any]]:
     """Every (batching, clients) case of one folder, then the overhead line."""
     pipe_ranges = json.loads((folder / "manifest.json").read_text())["shape_ranges"]
@@ -146,13 +157,12 @@ def bench_folder(folder: Path, name: str, args: argparse.Namespace, run_id: str)
         try:
             for clients in args.clients:
                 stats = closed_loop(base, clients, args.seconds, body)
-                lines.append(_record(run_id, "serve", case, batching=batching, clients=clients, **stats))
-                sys.stdout.write(_row(lines[-1]) + "\n")
-                sys.stdout.flush()
+                lines.append(emit(args.out, _record(run_id, "serve", case, batching=batching, clients=clients,
+                                                    **stats)))
             if not batching:
                 peer = paired_overhead(base, Pipeline.load(folder), {**body, "height": height, "width": width},
                                        args.repeats)
-                lines.append(_record(run_id, "serve_overhead", case, **peer))
+                lines.append(emit(args.out, _record(run_id, "serve_overhead", case, **peer)))
         finally:
             server.terminate()
             server.wait(timeout=120)
@@ -190,7 +200,7 @@ def table(lines: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the cases, append the JSON lines, print the table."""
+    """Run the cases (each JSON line appended as it is measured), then print the table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--folder", type=Path, action="append", default=[], help="a compiled folder (repeatable)")
     ap.add_argument("--sd15-256", action="store_true", help="also the full SD 1.5 architecture (random weights)")
@@ -212,11 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.sd15_256:
             folders.append((ensure_compiled("sd15", True, root / "sd15-random" / "serve-compiled-256",
                                             (256, 256, 256), (256, 256, 256)), "sd15-256"))
+    named = {folder.resolve(): (folder, name) for folder, name in folders}  # once each; a preset's name wins
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
-    lines = [line for folder, name in folders for line in bench_folder(folder, name, args, run_id)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as out:
-        out.writelines(json.dumps(line) + "\n" for line in lines)
+    lines = [line for folder, name in named.values() for line in bench_folder(folder, name, args, run_id)]
     sys.stdout.write(table(lines) + "\n")
     return 0
 
