@@ -52,7 +52,8 @@ def start_server(folder: Path, max_batch: int, window_ms: float) -> tuple[subpro
     """`sdexport serve` in its own process; returns it and its base URL once /readyz answers 200."""
     port = _port()
     cmd = [sys.executable, "-m", "sdexport", "-q", "serve", str(folder), "--port", str(port), "--max-batch",
-           str(max_batch), "--batch-window-ms", str(window_ms), "--max-queue", "64", "--warmup-steps", "2"]
+           str(max_batch), "--batch-window-ms", str(window_ms), "--max-queue", "64", "--warmup-steps", "2",
+           "--timeout-s", "86400"]  # closed loop: every request is answered, however long the queue
     server = subprocess.Popen(cmd, env=child_environ(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -159,7 +160,7 @@ def bench_folder(folder: Path, name: str, args: argparse.Namespace, run_id: str)
                 stats = closed_loop(base, clients, args.seconds, body)
                 lines.append(emit(args.out, _record(run_id, "serve", case, batching=batching, clients=clients,
                                                     **stats)))
-            if not batching:
+            if not batching and args.repeats:
                 peer = paired_overhead(base, Pipeline.load(folder), {**body, "height": height, "width": width},
                                        args.repeats)
                 lines.append(emit(args.out, _record(run_id, "serve_overhead", case, **peer)))
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=lambda t: tuple(int(v) for v in t.split("x"))[::-1], help="WIDTHxHEIGHT")
     ap.add_argument("--max-batch", type=int, default=4)
     ap.add_argument("--window-ms", type=float, default=10.0)
-    ap.add_argument("--repeats", type=int, default=20, help="interleaved direct / served calls of the peer")
+    ap.add_argument("--repeats", type=int, default=20,
+                    help="interleaved direct / served calls of the peer (0: no overhead line)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     folders = [(f, f.name) for f in args.folder]
