@@ -13,6 +13,7 @@ from typing import Any
 from sdexport import __version__
 from sdexport.engines import Backend, Option, backends, get_backend
 from sdexport.errors import SdexportError, UsageError
+from sdexport.serve.cli import add_serve_parser, run_serve
 from sdexport.specs import PRESETS
 from sdexport.synth.cli import add_synth_parser, cmd_synth
 
@@ -303,6 +304,7 @@ def parser() -> argparse.ArgumentParser:
     _add_parity(sub)
     _add_doctor(sub)
     add_synth_parser(sub)
+    add_serve_parser(sub, _add_backend_choice)
     return ap
 
 
@@ -361,6 +363,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 COMMANDS = {
     "build": _cmd_build, "info": _cmd_info, "run": _cmd_run, "parity": _cmd_parity, "doctor": _cmd_doctor,
     "synth": cmd_synth,
+    "serve": run_serve,
 }
 
 
