@@ -110,7 +110,7 @@ def _add_backend_choice(p: argparse.ArgumentParser) -> None:
 
 
 def _option_dest(backend: Backend, option: Option, stage: str = "build") -> str:
-    return f"backend:{stage}:{backend.name}:{option.name}"
+    return f"backend:{backend.name}:{option.name}" if stage == "build" else f"load:{backend.name}:{option.name}"
 
 
 def _load_flag(backend: Backend, option: Option) -> str:

@@ -52,6 +52,8 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("width-too-small", "tiny-sdxl", dict(width=16), r"width=16 .*32\.\.256"),
     ("zero-steps", "tiny-sd15", dict(num_inference_steps=0), r"num_inference_steps=0 .*1\.\."),
     ("too-many-steps", "tiny-sd15", dict(num_inference_steps=1001), r"num_inference_steps=1001"),
+    ("steps-past-last-timestep", "tiny-sd15", dict(num_inference_steps=1000, scheduler="pndm"),
+     r"num_inference_steps=1000 gives timestep 1000, past the last training timestep 999"),
     ("strength-zero", "tiny-sd15", dict(image=PICTURE, strength=0.0), r"strength=0\.0 .*0\.0 < strength <= 1\.0"),
     ("strength-above-one", "tiny-sdxl", dict(image=PICTURE, strength=1.5), r"strength=1\.5"),
     ("strength-without-image", "tiny-sd15", dict(strength=0.5), r"strength applies to image-to-image"),

@@ -52,6 +52,12 @@ class AlphaScheduler(Scheduler):
             int(self.config["steps_offset"]),
             "int",
         )
+        if len(ts) and int(np.max(ts)) >= self.num_train_timesteps:  # e.g. 1000 steps with steps_offset 1
+            raise SchedulerConfigError(
+                f"{self.class_name}: num_inference_steps={num_inference_steps} gives timestep {int(np.max(ts))}, "
+                f"past the last training timestep {self.num_train_timesteps - 1} (this config's steps_offset / "
+                f"timestep_spacing); use fewer steps"
+            )
         return Schedule(ts, num_inference_steps)
 
     def _entry(self, index: int, timestep: Any, needs_noise: bool, coefs: Any) -> Entry:
