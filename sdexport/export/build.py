@@ -24,6 +24,7 @@ from sdexport import __version__
 from sdexport.engines import artifacts
 from sdexport.errors import ArtifactError
 from sdexport.export.build_plan import PRECISIONS, BuildConfig, BuildPlan, plan_build, schedule, up_to_date_manifest
+from sdexport.export.controlnet import attach_controlnets
 from sdexport.export.load import load_source
 from sdexport.export.lora import LORA_TARGETS, fuse_loras
 from sdexport.progress import Step
@@ -134,6 +135,7 @@ def _load(plan: BuildPlan) -> tuple[Any, list[dict[str, Any]]]:
     if plan.config.loras:
         modules |= {c for c in LORA_TARGETS if c in plan.info.spec.components}
     source = load_source(plan.info, plan.config.allow_pickle, frozenset(modules))
+    attach_controlnets(source.pipe, plan.controlnets, modules, plan.config.allow_pickle)
     fused = fuse_loras(source.pipe, plan.config.loras, plan.config.allow_pickle) if plan.config.loras else []
     plan.seconds["load"] = time.perf_counter() - t0
     return source, fused
@@ -187,6 +189,7 @@ def _manifest(plan: BuildPlan, fused: list[dict[str, Any]], support: dict[str, d
         "model": plan.info.spec.to_dict(),
         "shape_ranges": plan.ranges.to_dict(),
         "loras": fused,
+        **({"controlnets": [c.record() for c in plan.controlnets]} if plan.controlnets else {}),
         "tools": _tool_versions(),
         "backend": plan.backend.name,
         "components": {n: {k: v for k, v in r.items() if k != "files"} for n, r in records.items()},

@@ -16,6 +16,7 @@ from typing import Any
 from sdexport import __version__
 from sdexport.engines import Backend, artifacts, get_backend
 from sdexport.errors import ArtifactError
+from sdexport.export.controlnet import ControlNetSource, ControlNetSpec, controlnet_keys, inspect_controlnets
 from sdexport.export.load import SourceInfo, inspect_source
 from sdexport.export.lora import LORA_TARGETS, LoraSpec
 from sdexport.specs import ShapeRanges
@@ -44,6 +45,8 @@ class BuildConfig:
     allow_pickle: bool = False
     backend: str = "onnxruntime"
     backend_options: Any = None
+    controlnets: list[ControlNetSpec] = field(default_factory=list)
+    """ControlNets (``PATH_OR_HUB_ID[:SCALE]`` parsed), each exported as its own graph."""
 
 
 @dataclass
@@ -62,6 +65,7 @@ class BuildPlan:
     records: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     todo: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    controlnets: list[ControlNetSource] = field(default_factory=list)
 
     @property
     def reused(self) -> list[str]:
@@ -71,7 +75,9 @@ class BuildPlan:
     @property
     def build_key(self) -> str:
         """The key of the whole folder: every component key and the LoRAs."""
-        data = {"keys": self.keys, "loras": [(r["sha256"], r["weight"]) for r in self.loras]}
+        data: dict[str, Any] = {"keys": self.keys, "loras": [(r["sha256"], r["weight"]) for r in self.loras]}
+        if self.controlnets:
+            data["controlnets"] = [(c.fingerprint, c.spec.scale) for c in self.controlnets]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -115,7 +121,7 @@ def _component_key(info: SourceInfo, name: str, precision: str, ranges: ShapeRan
 def plan_build(config: BuildConfig) -> BuildPlan:
     """Resolve the source, check every option and the backend (its preflight too), and key each component."""
     backend = get_backend(config.backend)
-    info = inspect_source(config.model, config.random_weights)
+    info, controlnets = inspect_controlnets(inspect_source(config.model, config.random_weights), config.controlnets)
     _check_config(config, info)
     ranges = config.ranges or (info.preset.default_ranges if info.preset else default_ranges_for(
         info.spec.family, tiny=False))
@@ -128,7 +134,8 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     backend.check_machine(options)  # e.g. no GPU for TensorRT here: say so now, not after the export
     precisions = {name: _precision_of(config, info, name) for name in info.spec.components}
     keys = {name: _component_key(info, name, p, ranges, loras) for name, p in precisions.items()}
-    return BuildPlan(config, Path(config.out), info, backend, options, ranges, loras, precisions, keys)
+    return BuildPlan(config, Path(config.out), info, backend, options, ranges, loras, precisions,
+                     controlnet_keys(keys, controlnets), controlnets=controlnets)
 
 
 def _read_record(folder: Path, name: str) -> dict[str, Any] | None:

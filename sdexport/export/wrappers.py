@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdexport.export.controlnet_wrappers import controlnet_wrapper
 from sdexport.specs import ComponentSpec, ModelSpec
 
 
@@ -89,6 +90,9 @@ def torch_module(pipe: Any, name: str) -> nn.Module:
 
 def wrap(pipe: Any, spec: ModelSpec, component: ComponentSpec) -> nn.Module:
     """The export wrapper of ``component`` around the pipeline's module."""
+    controlled = controlnet_wrapper(pipe, spec, component)
+    if controlled is not None:
+        return controlled
     module = torch_module(pipe, component.name)
     name = component.name
     if name.startswith("text_encoder"):
