@@ -80,6 +80,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: build/<model>)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="a LoRA to fuse into the UNet and text encoders; repeatable")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH_OR_HUB_ID[:SCALE]",
+                   help="a ControlNet exported as its own graph, with its default conditioning scale (repeatable: "
+                   "multi-ControlNet)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="precision of every component")
     p.add_argument("--component-precision", action="append", type=_component_precision, default=[],
                    metavar="COMPONENT=PRECISION", help="override one component's precision (e.g. vae_decoder=fp16)")
@@ -294,6 +297,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from sdexport.export.build import BuildConfig, build
+    from sdexport.export.controlnet import ControlNetSpec
     from sdexport.export.lora import LoraSpec
     from sdexport.specs import ShapeRanges, resolve_preset
     from sdexport.specs.presets import default_ranges_for
@@ -312,6 +316,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         component_precision=dict(args.component_precision), ranges=ranges,
         random_weights=args.random_weights, allow_pickle=args.allow_pickle, backend=args.backend,
         backend_options=_backend_values(args, get_backend(args.backend)),
+        controlnets=[ControlNetSpec.parse(t) for t in args.controlnet],
     )
     if args.quiet:
         build(config, progress=_messages(args))

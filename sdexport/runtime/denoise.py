@@ -6,6 +6,7 @@ touches stays on the device, and the host only uploads the inputs once and reads
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +158,7 @@ def denoise(
     timings: Timings,
     callback: StepCallback | None = None,
     arrays: Arrays = HOST,
+    control: Callable[[int, Any, dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Any:
     """Run every model evaluation of ``plan`` from ``start``; returns the final latents [N, 4, h, w] as ``arrays``.
 
@@ -176,14 +178,16 @@ def denoise(
     last = len(plan) - 1
     for i in range(len(plan)):
         clock.mark()
-        model_in = plan.scale_model_input(latents, i)
+        model_in = scaled = plan.scale_model_input(latents, i)
         if up.copies > 1:
             model_in = xp.concat([model_in, model_in])
         if up.extra is not None:
             model_in = xp.concat([model_in, up.extra], axis=1)
         clock.mark()
-        out = unet({"sample": xp.astype(model_in, xp.float32, copy=False), "timestep": up.timesteps[i, ...],
-                    **up.feeds})
+        feeds = {"sample": xp.astype(model_in, xp.float32, copy=False), "timestep": up.timesteps[i, ...], **up.feeds}
+        if control is not None:
+            feeds.update(control(i, scaled, feeds))  # ControlNet residuals (sdexport.runtime.control)
+        out = unet(feeds)
         clock.mark()
         prediction = out["out_sample"]
         checks.add(i, prediction)
