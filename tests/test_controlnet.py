@@ -197,3 +197,30 @@ def test_lora_hot_swap_on_a_controlnet_folder(cn: dict[str, Any], tmp_path: Path
     pipe.set_loras([])
     after = pipe("a red circle", image=PICTURE, num_inference_steps=2, seed=4, output_type="latent")
     np.testing.assert_array_equal(before.images, after.images)
+
+
+def test_run_and_parity_commands_on_a_controlnet_folder(cn: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    import json
+
+    from PIL import Image
+
+    from sdexport.cli import main
+
+    PICTURE.save(tmp_path / "control.png")
+    out = tmp_path / "out.png"
+    assert main(["run", str(cn["root"] / "one"), "--prompt", "a red circle", "--image", str(tmp_path / "control.png"),
+                 "--controlnet-scale", "0.5", "--control-guidance-end", "0.5", "--guess-mode", "true", "--steps", "2",
+                 "--seed", "3", "-q", "--out", str(out)]) == 0
+    with Image.open(out) as image:
+        params = json.loads(image.text["parameters"])
+        assert image.size == PICTURE.size
+    assert params["task"] == "txt2img" and params["controlnet_conditioning_scale"] == [0.5]
+    assert params["control_guidance_end"] == [0.5] and params["guess_mode"] is True
+    capsys.readouterr()
+    assert main(["parity", str(cn["root"] / "one"), "--steps", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "controlnet_0" in report["components"]
+    assert all(d < 1e-3 for outputs in report["components"].values() for d in outputs.values())
+    assert list(report["end_to_end"]) == ["controlnet"]
+    assert report["end_to_end"]["controlnet"]["latents"] <= LATENT_ATOL
+    assert report["end_to_end"]["controlnet"]["image"] <= IMAGE_ATOL

@@ -9,16 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sdexport.errors import SourceError
 from sdexport.export.load import SourceInfo, _check_weights, _hub_folder, _read_json, folder_fingerprint
+from sdexport.export.lora import split_weight
 from sdexport.specs import ModelSpec
 from sdexport.specs.controlnet import (
     CONTROLNET_PIPELINES,
     check_controlnet,
+    controlnet_components,
     controlnet_name,
     with_controlnets,
 )
@@ -36,13 +39,7 @@ class ControlNetSpec:
     @classmethod
     def parse(cls, text: str) -> ControlNetSpec:
         """Parse ``PATH_OR_HUB_ID[:SCALE]`` (the scale defaults to 1.0, diffusers' default)."""
-        head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                return cls(head, float(tail))
-            except ValueError:
-                pass
-        return cls(text)
+        return cls(*split_weight(text, 1.0))
 
 
 @dataclass(frozen=True)
@@ -139,3 +136,21 @@ def controlnet_pipeline(source_pipe: Any, spec: ModelSpec, controlnets: list[Any
     for attr in ("text_encoder", "text_encoder_2"):
         _alias_text_model(getattr(pipe, attr, None))
     return pipe
+
+
+def attach_recorded(pipe: Any, manifest: Mapping[str, Any]) -> None:
+    """Load the ControlNets a folder's manifest lists onto ``pipe`` (``sdexport parity``), each checked by hash."""
+    import diffusers
+
+    for record in manifest.get("controlnets", []):
+        folder = Path(record["path"])
+        if not folder.is_dir() or folder_fingerprint(folder) != record["hash"]:
+            raise SourceError(f"ControlNet {record['source']} ({folder}) is missing or changed since the build; "
+                              "rebuild first")
+        model = diffusers.ControlNetModel.from_pretrained(folder, use_safetensors=True)
+        setattr(pipe, record["component"], model.float().eval())
+
+
+def recorded_pipeline(source_pipe: Any, spec: ModelSpec) -> Any:
+    """diffusers' ControlNet pipeline over a source whose ControlNets were attached by ``attach_recorded``."""
+    return controlnet_pipeline(source_pipe, spec, [getattr(source_pipe, c) for c in controlnet_components(spec)])

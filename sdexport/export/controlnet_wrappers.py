@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sdexport.specs import ComponentSpec, ModelSpec
-from sdexport.specs.controlnet import CONTROLNET_PREFIX, MID_INPUT
+from sdexport.specs.controlnet import CONTROLNET_PREFIX, DOWN_INPUT, MID_INPUT
 
 
 class ControlNetWrapper(nn.Module):
@@ -35,26 +35,6 @@ class ControlNetWrapper(nn.Module):
         return tuple(out * scale[:, j, None, None, None] for j, out in enumerate(outs))
 
 
-class ResidualUNetWrapper(nn.Module):
-    """UNet with positional inputs whose last ones are the ControlNet residuals (down residuals, then mid)."""
-
-    def __init__(self, unet: nn.Module, added_cond: bool) -> None:
-        super().__init__()
-        self.unet = unet
-        self.added_cond = added_cond
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *rest: torch.Tensor) -> tuple[torch.Tensor]:
-        kwargs: dict[str, Any] = {}
-        first = 0
-        if self.added_cond:
-            kwargs["added_cond_kwargs"] = {"text_embeds": rest[0], "time_ids": rest[1]}
-            first = 2
-        out = self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=rest[first:-1],
-                        mid_block_additional_residual=rest[-1], return_dict=False, **kwargs)[0]
-        return (out,)
-
-
 def controlnet_wrapper(pipe: Any, spec: ModelSpec, component: ComponentSpec) -> nn.Module | None:
     """The wrapper of a ControlNet folder's ControlNet or residual UNet component, or None for any other."""
     added = spec.family_record.added_conditions
@@ -64,5 +44,8 @@ def controlnet_wrapper(pipe: Any, spec: ModelSpec, component: ComponentSpec) -> 
             raise ValueError(f"the source pipeline has no {component.name} loaded")
         return ControlNetWrapper(module, added).eval()
     if component.name == "unet" and component.inputs[-1].name == MID_INPUT:
-        return ResidualUNetWrapper(pipe.unet, added).eval()
+        from sdexport.export.wrappers import UNetWrapper
+
+        residuals = 1 + sum(t.name.startswith(DOWN_INPUT.format("")) for t in component.inputs)
+        return UNetWrapper(pipe.unet, added, residuals).eval()
     return None

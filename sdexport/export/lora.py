@@ -25,15 +25,19 @@ class LoraSpec:
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
         """Parse ``PATH[:WEIGHT]`` (the weight defaults to 1.0)."""
-        path, weight = text, 1.0
-        head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                weight = float(tail)
-                path = head
-            except ValueError:
-                path = text
+        path, weight = split_weight(text, 1.0)
         return cls(Path(path).expanduser(), weight)
+
+
+def split_weight(text: str, default: float) -> tuple[str, float]:
+    """``NAME[:NUMBER]`` -> (name, number or ``default``); a tail that is not a number stays part of the name."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, default
 
     def check(self, allow_pickle: bool) -> None:
         """Refuse a missing file, or a pickle file without the explicit opt-in."""
