@@ -170,8 +170,6 @@ def test_lora_hot_swap_on_a_controlnet_folder(cn: dict[str, Any], tmp_path: Path
 
     from sdexport.export.load import inspect_source, load_source
     from sdexport.export.lora import LoraSpec, fuse_loras
-    from sdexport.runtime.pipeline import Pipeline
-
     donor = load_source(inspect_source(PRESET), modules=frozenset({"unet"})).pipe
     torch.manual_seed(3)
     config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v", "conv1"])
@@ -181,7 +179,8 @@ def test_lora_hot_swap_on_a_controlnet_folder(cn: dict[str, Any], tmp_path: Path
                                   unet_lora_adapter_metadata=config.to_dict())
     lora = tmp_path / "lora.safetensors"
 
-    pipe = Pipeline.load(cn["root"] / "one")
+    pipe = cn["pipes"]["one"]
+    before = pipe("a red circle", image=PICTURE, num_inference_steps=2, seed=4, output_type="latent")
     swap = pipe.set_loras([(lora, 0.7)])
     assert swap["changed"] == ["unet"]
     fused = load_source(inspect_source(PRESET))
@@ -193,7 +192,6 @@ def test_lora_hot_swap_on_a_controlnet_folder(cn: dict[str, Any], tmp_path: Path
                                                          "num_inference_steps": 4}, kwargs)
     assert latent_diff <= LATENT_ATOL, f"final latents differ by {latent_diff:.3g}"
     assert image_diff <= IMAGE_ATOL
-    before = cn["pipes"]["one"]("a red circle", image=PICTURE, num_inference_steps=2, seed=4, output_type="latent")
     pipe.set_loras([])
     after = pipe("a red circle", image=PICTURE, num_inference_steps=2, seed=4, output_type="latent")
     np.testing.assert_array_equal(before.images, after.images)

@@ -15,6 +15,17 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")
 
 
+def split_weight(text: str, default: float) -> tuple[str, float]:
+    """``NAME[:NUMBER]`` -> (name, number or ``default``); a tail that is not a number stays part of the name."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, default
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """A LoRA file and the weight it is fused with."""
@@ -27,17 +38,6 @@ class LoraSpec:
         """Parse ``PATH[:WEIGHT]`` (the weight defaults to 1.0)."""
         path, weight = split_weight(text, 1.0)
         return cls(Path(path).expanduser(), weight)
-
-
-def split_weight(text: str, default: float) -> tuple[str, float]:
-    """``NAME[:NUMBER]`` -> (name, number or ``default``); a tail that is not a number stays part of the name."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return text, default
 
     def check(self, allow_pickle: bool) -> None:
         """Refuse a missing file, or a pickle file without the explicit opt-in."""

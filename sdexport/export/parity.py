@@ -141,9 +141,10 @@ def end_to_end_parity(pipe: Any, source: Any, task: str, steps: int = 4, seed: i
         from sdexport.export.controlnet import recorded_pipeline
 
         oracle = recorded_pipeline(source.pipe, pipe.spec)
-        nets = len(pipe.controls.components)
-        common.update(image=common["image"] if nets == 1 else [common["image"]] * nets,
-                      controlnet_conditioning_scale=list(pipe.controls.default_scales))
+        scales = list(pipe.controls.default_scales)
+        single = len(scales) == 1  # diffusers takes a float and an image for one ControlNet, lists for several
+        common.update(image=common["image"] if single else [common["image"]] * len(scales),
+                      controlnet_conditioning_scale=scales[0] if single else scales)
     else:
         oracle = diffusers_pipeline(source.pipe, pipe.spec, task)
     if task != "img2img":
