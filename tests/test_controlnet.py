@@ -142,7 +142,7 @@ def test_control_arguments_on_a_folder_without_controlnet_are_refused(cn: dict[s
     from sdexport.export.load import inspect_source
 
     plain = inspect_source(PRESET).spec
-    controls = Controls({}, plain, cn["pipes"]["one"].ranges)
+    controls = Controls({}, plain)
     args = GenerationArgs(prompt="a red circle", image=PICTURE)
     assert controls.split(args) == (args, None)  # img2img: image= keeps its meaning
     with pytest.raises(RequestError, match="guess_mode, |no ControlNet"):

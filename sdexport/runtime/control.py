@@ -22,7 +22,7 @@ from sdexport.runtime.args import GenerationArgs
 from sdexport.runtime.backends import Runner
 from sdexport.runtime.images import default_size, preprocess_image
 from sdexport.runtime.result import RequestError
-from sdexport.specs import ModelSpec, ShapeRanges
+from sdexport.specs import ModelSpec
 from sdexport.specs.controlnet import COND_INPUT, SCALE_INPUT, controlnet_components
 
 CONTROL_ARGS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
@@ -62,13 +62,12 @@ def _per_net(value: Any, name: str, count: int, default: Sequence[float]) -> tup
 class Controls:
     """The ControlNets of a compiled folder (the manifest's ``controlnets``), in order; empty for other folders."""
 
-    def __init__(self, manifest: Mapping[str, Any], spec: ModelSpec, ranges: ShapeRanges) -> None:
+    def __init__(self, manifest: Mapping[str, Any], spec: ModelSpec) -> None:
         self.components = controlnet_components(spec)
         records = {r["component"]: r for r in manifest.get("controlnets", [])}
         self.default_scales = tuple(float(records.get(c, {}).get("conditioning_scale", 1.0))
                                     for c in self.components)
         self.spec = spec
-        self.ranges = ranges
 
     def __bool__(self) -> bool:
         return bool(self.components)

@@ -72,7 +72,7 @@ class Pipeline:
         self.tokenizers = {name: ClipTokenizer(check_inside(self.folder, name))
                            for name in manifest.get("tokenizers", [])}
         self.conditioner = conditioner_for(self.spec, self.tokenizers)
-        self.controls = Controls(manifest, self.spec, self.ranges)
+        self.controls = Controls(manifest, self.spec)
         self.scheduler_base_config = read_scheduler_config(self.folder, manifest)
         self._schedulers: dict[str, Scheduler] = {}
         self._lock = threading.Lock()
