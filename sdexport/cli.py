@@ -84,6 +84,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    help="a LoRA to fuse into the UNet and text encoders; repeatable")
     p.add_argument("--ip-adapter", type=Path, metavar="PATH",
                    help="an IP-Adapter (.safetensors with an image_encoder folder beside it): image prompts")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH_OR_HUB_ID[:SCALE]",
+                   help="a ControlNet exported as its own graph, with its default conditioning scale (repeatable: "
+                   "multi-ControlNet)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="precision of every component")
     p.add_argument("--component-precision", action="append", type=_component_precision, default=[],
                    metavar="COMPONENT=PRECISION", help="override one component's precision (e.g. vae_decoder=fp16)")
@@ -325,6 +328,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from sdexport.export.build import BuildConfig, build
+    from sdexport.export.controlnet import ControlNetSpec
     from sdexport.export.lora import LoraSpec
 
     # Given ranges over the defaults (the preset's, or the model config's); a 0 is kept, and refused by the plan.
@@ -335,7 +339,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         component_precision=dict(args.component_precision), ranges=ranges,
         random_weights=args.random_weights, allow_pickle=args.allow_pickle, backend=args.backend,
         backend_options=_backend_values(args, get_backend(args.backend)), ip_adapter=args.ip_adapter,
-        memory_budget=args.memory_budget,
+        memory_budget=args.memory_budget, controlnets=[ControlNetSpec.parse(t) for t in args.controlnet],
     )
     if args.quiet:
         build(config, progress=_messages(args))

@@ -54,6 +54,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "tokenizers?": ListOf(str),
     "scheduler_config?": str,
     "loras?": ListOf({"name": str, "weight": NUMBER, "components?": ListOf(str)}),
+    "controlnets?": ListOf({"component": str, "source": str, "hash": str, "conditioning_scale": NUMBER}),
 }
 
 

@@ -24,6 +24,7 @@ from sdexport import __version__
 from sdexport.engines import artifacts
 from sdexport.errors import ArtifactError
 from sdexport.export.build_plan import PRECISIONS, BuildConfig, BuildPlan, plan_build, schedule, up_to_date_manifest
+from sdexport.export.controlnet import attach_controlnets
 from sdexport.export.load import load_source
 from sdexport.export.lora import LORA_TARGETS, fuse_loras
 from sdexport.export.memory import check_budget
@@ -139,6 +140,7 @@ def _load(plan: BuildPlan) -> tuple[Any, list[dict[str, Any]]]:
         modules.add("unet")  # diffusers loads the adapter through the UNet
     changes = bool(plan.config.loras or ip_adapter)  # an in-memory source is then copied, never changed
     source = load_source(plan.info, plan.config.allow_pickle, frozenset(modules), private=changes)
+    attach_controlnets(source.pipe, plan.controlnets, modules, plan.config.allow_pickle)
     fused = fuse_loras(source.pipe, plan.config.loras, plan.config.allow_pickle) if plan.config.loras else []
     if ip_adapter is not None:
         from sdexport.export.ip_adapter import load_into
@@ -197,6 +199,7 @@ def _manifest(plan: BuildPlan, fused: list[dict[str, Any]], support: dict[str, d
         "shape_ranges": plan.ranges.to_dict(),
         "shape_ranges_origin": plan.ranges_origin,
         "loras": fused,
+        **({"controlnets": [c.record() for c in plan.controlnets]} if plan.controlnets else {}),
         "tools": _tool_versions(),
         "backend": plan.backend.name,
         "components": {n: {k: v for k, v in r.items() if k != "files"} for n, r in records.items()},

@@ -17,6 +17,7 @@ from typing import Any
 from sdexport import __version__
 from sdexport.engines import Backend, artifacts, get_backend
 from sdexport.errors import ArtifactError
+from sdexport.export.controlnet import ControlNetSource, ControlNetSpec, controlnet_keys, inspect_controlnets
 from sdexport.export.load import SourceInfo, inspect_source
 from sdexport.export.lora import LORA_TARGETS, LoraSpec
 from sdexport.export.memory import parse_size
@@ -52,6 +53,8 @@ class BuildConfig:
     """An IP-Adapter (diffusers' load_ip_adapter layout): image encoder graph, adapter inside the UNet graph."""
     memory_budget: int | str | None = None
     """Bytes (or "2GiB") the trace and validation may use; default: MemAvailable (``sdexport.export.memory``)."""
+    controlnets: list[ControlNetSpec] = field(default_factory=list)
+    """ControlNets (``PATH_OR_HUB_ID[:SCALE]`` parsed), each exported as its own graph."""
 
 
 @dataclass
@@ -71,6 +74,7 @@ class BuildPlan:
     records: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     todo: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    controlnets: list[ControlNetSource] = field(default_factory=list)
 
     @property
     def reused(self) -> list[str]:
@@ -80,7 +84,9 @@ class BuildPlan:
     @property
     def build_key(self) -> str:
         """The key of the whole folder: every component key and the LoRAs."""
-        data = {"keys": self.keys, "loras": [(r["sha256"], r["weight"]) for r in self.loras]}
+        data: dict[str, Any] = {"keys": self.keys, "loras": [(r["sha256"], r["weight"]) for r in self.loras]}
+        if self.controlnets:
+            data["controlnets"] = [(c.fingerprint, c.spec.scale) for c in self.controlnets]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -131,9 +137,13 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     backend = get_backend(config.backend)
     info = inspect_source(config.model, config.random_weights)
     if config.ip_adapter is not None:
+        if config.controlnets:
+            raise ValueError(f"ip_adapter={str(config.ip_adapter)!r} with controlnets: one build takes an IP-Adapter "
+                             "or ControlNets, not both yet; build two folders")
         from sdexport.export.ip_adapter import attach
 
         info = attach(info, config.ip_adapter, config.allow_pickle)
+    info, controlnets = inspect_controlnets(info, config.controlnets)
     _check_config(config, info)
     ranges, origin = _ranges(config, info)
     loras = []
@@ -144,7 +154,8 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     backend.check_machine(options)  # e.g. no GPU for TensorRT here: say so now, not after the export
     precisions = {name: _precision_of(config, info, name) for name in info.spec.components}
     keys = {name: _component_key(info, name, p, ranges, loras) for name, p in precisions.items()}
-    return BuildPlan(config, Path(config.out), info, backend, options, ranges, origin, loras, precisions, keys)
+    return BuildPlan(config, Path(config.out), info, backend, options, ranges, origin, loras, precisions,
+                     controlnet_keys(keys, controlnets), controlnets=controlnets)
 
 
 def _ranges(config: BuildConfig, info: SourceInfo) -> tuple[ShapeRanges, str]:

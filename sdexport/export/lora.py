@@ -16,6 +16,17 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")
 
 
+def split_weight(text: str, default: float) -> tuple[str, float]:
+    """``NAME[:NUMBER]`` -> (name, number or ``default``); a tail that is not a number stays part of the name."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, default
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """A LoRA file and the weight it is fused with."""
@@ -26,14 +37,7 @@ class LoraSpec:
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
         """Parse ``PATH[:WEIGHT]`` (the weight defaults to 1.0)."""
-        path, weight = text, 1.0
-        head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                weight = float(tail)
-                path = head
-            except ValueError:
-                path = text
+        path, weight = split_weight(text, 1.0)
         check_lora_weight(weight, path)
         return cls(Path(path).expanduser(), weight)
 

@@ -77,6 +77,8 @@ def dummy_inputs(component: ComponentSpec, env: dict[str, int], seed: int) -> di
             feeds[tensor.name] = rng.uniform(0, 1024, size=shape).astype(np.float32)
         elif tensor.name == "image":
             feeds[tensor.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        elif tensor.name in ("controlnet_cond", "conditioning_scale"):  # a [0, 1] control image, scales
+            feeds[tensor.name] = rng.uniform(0, 1, size=shape).astype(np.float32)
         else:
             feeds[tensor.name] = rng.standard_normal(size=shape).astype(np.float32)
     return feeds

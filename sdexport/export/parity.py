@@ -12,7 +12,11 @@ import numpy as np
 
 from sdexport.errors import SourceError
 from sdexport.specs import ModelSpec, ShapeRanges
+from sdexport.specs.controlnet import controlnet_components
 from sdexport.specs.ip_adapter import has_ip_adapter
+
+CONTROLNET_TASK = "controlnet"
+"""The end-to-end task of a ControlNet folder: text-to-image with the control image (diffusers' ControlNet pipeline)."""
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ def torch_generators(seeds: list[int]) -> list[Any]:
 
 def load_oracle(manifest: Mapping[str, Any]) -> Any:
     """The folder's source model as a loaded ``Source`` (LoRAs fused again), from local files only."""
+    from sdexport.export.controlnet import attach_recorded
     from sdexport.export.load import inspect_source, load_source
     from sdexport.export.lora import LoraSpec, fuse_loras
 
@@ -75,6 +80,7 @@ def load_oracle(manifest: Mapping[str, Any]) -> Any:
         from sdexport.export.ip_adapter import load_into
 
         load_into(loaded.pipe, source["ip_adapter"]["path"])
+    attach_recorded(loaded.pipe, manifest)
     return loaded
 
 
@@ -137,9 +143,18 @@ def end_to_end_parity(pipe: Any, source: Any, task: str, steps: int = 4, seed: i
                       size: tuple[int, int] | None = None) -> dict[str, float]:
     """One generation by the runtime and by diffusers with the same seeds: max |diff| of latents and images."""
     height, width = size or (pipe.ranges.height[1], pipe.ranges.width[1])
-    oracle = diffusers_pipeline(source.pipe, pipe.spec, task)
     common: dict[str, Any] = {"prompt": "a lighthouse at dawn", "num_inference_steps": steps, **_task_inputs(
         task, height, width)}
+    if task == CONTROLNET_TASK:  # image= is the control image; the folder's default scales on both sides
+        from sdexport.export.controlnet import recorded_pipeline
+
+        oracle = recorded_pipeline(source.pipe, pipe.spec)
+        scales = list(pipe.controls.default_scales)
+        single = len(scales) == 1  # diffusers takes a float and an image for one ControlNet, lists for several
+        common.update(image=common["image"] if single else [common["image"]] * len(scales),
+                      controlnet_conditioning_scale=scales[0] if single else scales)
+    else:
+        oracle = diffusers_pipeline(source.pipe, pipe.spec, task)
     if task != "img2img":
         common.update(height=height, width=width)
     if has_ip_adapter(pipe.spec):  # diffusers' UNet then needs image embeds: give both sides an image prompt
@@ -157,6 +172,8 @@ def folder_tasks(spec: ModelSpec) -> list[str]:
     """The tasks a folder runs: inpainting only for 9-channel UNets, image tasks only with a VAE encoder."""
     if spec.inpaint:
         return ["inpaint"]
+    if controlnet_components(spec):
+        return [CONTROLNET_TASK]
     image_tasks = "vae_encoder" in spec.components
     return [t for t in spec.family_record.tasks if t == "txt2img" or image_tasks]
 

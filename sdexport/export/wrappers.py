@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdexport.export.controlnet_wrappers import controlnet_wrapper
 from sdexport.specs import ComponentSpec, ModelSpec
 
 
@@ -40,18 +41,23 @@ class TextEncoderWrapper(nn.Module):
 
 
 class UNetWrapper(nn.Module):
-    """UNet with positional inputs; SDXL's added conditions passed as text_embeds and time_ids."""
+    """UNet with positional inputs; SDXL's added conditions passed as text_embeds and time_ids; the last
+    ``residuals`` inputs (a ControlNet folder's) are the down-block residuals, then the mid-block one."""
 
-    def __init__(self, unet: nn.Module, added_cond: bool) -> None:
+    def __init__(self, unet: nn.Module, added_cond: bool, residuals: int = 0) -> None:
         super().__init__()
         self.unet = unet
         self.added_cond = added_cond
+        self.residuals = residuals
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *added: torch.Tensor) -> tuple[torch.Tensor]:
         kwargs: dict[str, Any] = {}
         if self.added_cond:
             kwargs["added_cond_kwargs"] = {"text_embeds": added[0], "time_ids": added[1]}
+        if self.residuals:
+            kwargs["down_block_additional_residuals"] = added[-self.residuals:-1]
+            kwargs["mid_block_additional_residual"] = added[-1]
         out = self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
         return (out,)
 
@@ -91,6 +97,9 @@ def wrap(pipe: Any, spec: ModelSpec, component: ComponentSpec) -> nn.Module:
     """The export wrapper of ``component`` around the pipeline's module."""
     from sdexport.export.ip_adapter import wrap_ip_adapter
 
+    controlled = controlnet_wrapper(pipe, spec, component)
+    if controlled is not None:
+        return controlled
     module = torch_module(pipe, component.name)
     name = component.name
     adapted = wrap_ip_adapter(module, component)

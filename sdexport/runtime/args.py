@@ -85,6 +85,14 @@ def read_picture(text: str) -> Any:
     return picture
 
 
+def parse_bool(text: str) -> bool:
+    """``true`` / ``false`` (also 1 / 0, yes / no) on the command line."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise ValueError(f"{text!r}: expected true or false")
+    return value
+
+
 def read_array(text: str) -> np.ndarray:
     """A ``.npy`` array file."""
     try:
@@ -105,8 +113,8 @@ class GenerationArgs:
     prompt_2: str | list[str] | None = _arg(None, help="SDXL: the second text encoder's prompt (default: prompt)")
     negative_prompt_2: str | list[str] | None = _arg(
         None, help="SDXL: the second text encoder's negative prompt (default: negative_prompt)")
-    image: Any = _arg(None, help="image-to-image / inpainting input: a picture (PNG/JPEG), or latents (.npy)",
-                      parse=read_picture, metavar="PATH")
+    image: Any = _arg(None, help="image-to-image / inpainting input: a picture (PNG/JPEG), or latents (.npy); on a "
+                      "ControlNet folder, the control image", parse=read_picture, metavar="PATH")
     mask_image: Any = _arg(None, help="inpainting mask: white is repainted", flags=("--mask", "--mask-image"),
                            parse=read_picture, metavar="PATH")
     height: int | None = _arg(None, help="pixel height (default: the image's, else the folder's optimum)")
@@ -156,6 +164,18 @@ class GenerationArgs:
                                  parse=read_picture, metavar="PATH")
     ip_adapter_scale: float = _arg(1.0, help="IP-Adapter strength, as diffusers' set_ip_adapter_scale (0: ignore the "
                                    "image)")
+    controlnet_conditioning_scale: float | list[float] | None = _arg(
+        None, help="ControlNet folders: residual scale, one or one per ControlNet (default: the build's "
+        "--controlnet scale, else 1.0)", repeat=True, flags=("--controlnet-scale", "--controlnet-conditioning-scale"))
+    control_guidance_start: float | list[float] | None = _arg(
+        None, help="ControlNet folders: fraction of the steps before each ControlNet starts (default 0.0)",
+        repeat=True)
+    control_guidance_end: float | list[float] | None = _arg(
+        None, help="ControlNet folders: fraction of the steps after which each ControlNet stops (default 1.0)",
+        repeat=True)
+    guess_mode: bool = _arg(False, help="ControlNet folders: the ControlNets see only the positive prompt, their "
+                            "residuals scaled from 0.1 (first) to 1.0 (mid block)", parse=parse_bool,
+                            metavar="BOOL")
     callback: StepCallback | None = _arg(
         None, help="callback(step_index, num_steps, timestep, latents) after every step; False cancels", cli=False)
 

@@ -6,6 +6,7 @@ touches stays on the device, and the host only uploads the inputs once and reads
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +148,19 @@ def _upload(plan: Plan, start: Start, cond: Conditioning, streams: NoiseStreams,
                      put(np.stack(drawn)) if drawn else None, extra, blend, copies)
 
 
+Control = Callable[[int, Any, dict[str, Any]], dict[str, Any]]
+"""``control(step, scaled latents, UNet feeds)`` -> extra UNet feeds: ControlNet residuals (runtime.control)."""
+
+
+def _predict(unet: EngineRunner, up: _Uploaded, step: int, model_in: Any, scaled: Any,
+             control: Control | None) -> Any:
+    """The UNet's output at ``step`` (with the ControlNet residuals of ``control`` among its feeds)."""
+    feeds = {"sample": model_in, "timestep": up.timesteps[step, ...], **up.feeds}
+    if control is not None:
+        feeds.update(control(step, scaled, feeds))
+    return unet(feeds)["out_sample"]
+
+
 def denoise(
     plan: Plan,
     start: Start,
@@ -157,6 +171,7 @@ def denoise(
     timings: Timings,
     callback: StepCallback | None = None,
     arrays: Arrays = HOST,
+    control: Control | None = None,
 ) -> Any:
     """Run every model evaluation of ``plan`` from ``start``; returns the final latents [N, 4, h, w] as ``arrays``.
 
@@ -176,16 +191,14 @@ def denoise(
     last = len(plan) - 1
     for i in range(len(plan)):
         clock.mark()
-        model_in = plan.scale_model_input(latents, i)
+        model_in = scaled = plan.scale_model_input(latents, i)
         if up.copies > 1:
             model_in = xp.concat([model_in, model_in])
         if up.extra is not None:
             model_in = xp.concat([model_in, up.extra], axis=1)
         clock.mark()
-        out = unet({"sample": xp.astype(model_in, xp.float32, copy=False), "timestep": up.timesteps[i, ...],
-                    **up.feeds})
+        prediction = _predict(unet, up, i, xp.astype(model_in, xp.float32, copy=False), scaled, control)
         clock.mark()
-        prediction = out["out_sample"]
         checks.add(i, prediction)
         guided = guidance.combine(prediction, cond.cfg)
         noise = None

@@ -64,15 +64,18 @@ def _resized(image: Image.Image | np.ndarray, height: int, width: int, what: str
     return image
 
 
-def preprocess_image(image: ImageInput, height: int, width: int) -> np.ndarray:
-    """An RGB image -> float32 [1, 3, height, width] in [-1, 1] (resized with Lanczos when its size differs)."""
+def preprocess_image(image: ImageInput, height: int, width: int, normalize: bool = True) -> np.ndarray:
+    """An RGB image -> float32 [1, 3, height, width] in [-1, 1] ([0, 1] without ``normalize``: ControlNet images),
+    resized with Lanczos when its size differs."""
     picture = _resized(_to_pil(image, "image"), height, width, "image")
     if isinstance(picture, Image.Image):
         array = np.asarray(picture.convert("RGB")).astype(np.float32) / 255.0
     else:
         array = picture if picture.ndim == 3 else picture[..., None]
         array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[..., :3]
-    return (2.0 * array - 1.0).transpose(2, 0, 1)[None].astype(np.float32)
+    if normalize:
+        array = 2.0 * array - 1.0
+    return array.transpose(2, 0, 1)[None].astype(np.float32)
 
 
 def preprocess_mask(mask: ImageInput, height: int, width: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from sdexport.runtime.backends import (
     verify_folder,
 )
 from sdexport.runtime.conditioning import conditioner_for
+from sdexport.runtime.control import ControlInputs, ControlLoop, Controls
 from sdexport.runtime.denoise import Cancelled, Guidance, denoise
 from sdexport.runtime.images import postprocess
 from sdexport.runtime.ip_adapter import IMAGE_ENCODER, condition_on_image, image_prompt
@@ -72,6 +73,7 @@ class Pipeline:
         self.tokenizers = {name: ClipTokenizer(check_inside(self.folder, name))
                            for name in manifest.get("tokenizers", [])}
         self.conditioner = conditioner_for(self.spec, self.tokenizers)
+        self.controls = Controls(manifest, self.spec)
         self.scheduler_base_config = read_scheduler_config(self.folder, manifest)
         self._schedulers: dict[str, Scheduler] = {}
         self._lock = threading.Lock()
@@ -195,6 +197,9 @@ class Pipeline:
         negative_aesthetic_score: float = DEFAULTS["negative_aesthetic_score"],
         long_prompts: str = DEFAULTS["long_prompts"], rng: str = DEFAULTS["rng"],
         ip_adapter_image: Any = None, ip_adapter_scale: float = DEFAULTS["ip_adapter_scale"],
+        controlnet_conditioning_scale: float | list[float] | None = None,
+        control_guidance_start: float | list[float] | None = None,
+        control_guidance_end: float | list[float] | None = None, guess_mode: bool = DEFAULTS["guess_mode"],
         callback: StepCallback | None = None,
     ) -> GenerationResult:
         """Generate images; arguments keep diffusers' names and meanings (each is described in ``GenerationArgs``).
@@ -225,13 +230,22 @@ class Pipeline:
             negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
             long_prompts=long_prompts, rng=rng, ip_adapter_image=ip_adapter_image,
-            ip_adapter_scale=ip_adapter_scale, callback=callback,
+            ip_adapter_scale=ip_adapter_scale, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+            guess_mode=guess_mode, callback=callback,
         ))
 
     def validate(self, args: GenerationArgs) -> tuple[Request, Scheduler, Plan]:
         """Check every argument against this folder without running an engine; raise RequestError naming it."""
+        return self._checked(args)[:3]
+
+    def _checked(self, args: GenerationArgs) -> tuple[Request, Scheduler, Plan, ControlInputs | None]:
+        """``validate``, plus the ControlNet inputs of a ControlNet folder (``image`` is the control image there)."""
+        args, pictures = self.controls.split(args)
         request = build_request(self.spec, self.ranges, args, self.conditioner.chunks_needed)
         image_prompt(self.spec, self.manifest, args)
+        control = None if pictures is None else self.controls.inputs(
+            args, pictures, request.prompts.count, request.per_prompt, request.height, request.width)
         try:
             sched = self.get_scheduler(args.scheduler, args.scheduler_config)
             plan = sched.plan(request.num_inference_steps, strength=request.strength,
@@ -240,12 +254,12 @@ class Pipeline:
         except SchedulerConfigError as exc:
             raise RequestError(f"scheduler={args.scheduler!r}, scheduler_config={args.scheduler_config!r}: "
                                f"{exc}") from exc
-        return request, sched, plan
+        return request, sched, plan, control
 
     def generate(self, args: GenerationArgs) -> GenerationResult:
         """Generate from a ``GenerationArgs``: validate everything, then encode, start, denoise and decode."""
         t_start = time.perf_counter()
-        request, sched, plan = self.validate(args)
+        request, sched, plan, control = self._checked(args)
         prompt_image = image_prompt(self.spec, self.manifest, args)
         timings = Timings()
         streams = NoiseStreams(request.seeds, request.rng)
@@ -260,13 +274,14 @@ class Pipeline:
         t0 = time.perf_counter()
         start = self._start(request, plan, streams)
         timings.vae_encoder = time.perf_counter() - t0 if request.task != "txt2img" else 0.0
-        parameters = self._parameters(request, sched)
+        parameters = {**self._parameters(request, sched), **(control.parameters() if control else {})}
         guidance = Guidance(request.guidance_scale, request.guidance_rescale)
         arrays = self.arrays
         with arrays.scope():
             try:
+                loop = self._control_loop(control, request.cfg, len(plan), arrays)
                 latents = denoise(plan, start, cond, guidance, self._runner("unet", arrays), streams, timings,
-                                  args.callback, arrays)
+                                  args.callback, arrays, loop)
             except Cancelled as stop:
                 timings.total = time.perf_counter() - t_start
                 partial = GenerationResult(arrays.get(stop.latents), request.seeds, timings, "latent", parameters,
@@ -285,6 +300,14 @@ class Pipeline:
         timings.total = time.perf_counter() - t_start
         return GenerationResult(images, request.seeds, timings, request.output_type, parameters,
                                 latent_space(self.spec))
+
+    def _control_loop(self, control: ControlInputs | None, cfg: bool, steps: int, arrays: Arrays
+                      ) -> ControlLoop | None:
+        """The ControlNet calls of one request (None on a folder without ControlNets)."""
+        if control is None:
+            return None
+        runners = [self._runner(name, arrays) for name in self.controls.components]
+        return ControlLoop(self.spec, control, runners, steps, cfg, arrays)
 
     def _start(self, request: Request, plan: Plan, streams: NoiseStreams) -> Start:
         source = LatentSource(self.spec, request, streams, self._runner("vae_encoder"))

@@ -22,6 +22,25 @@ from sdexport.specs.ranges import TOKENS_PER_CHUNK
 COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder", "unet")
 
 
+DERIVED = "/"
+"""``symbol/k`` is the size of ``symbol`` after log2(k) stride-2 convolutions: ceil(symbol / k) (UNet levels)."""
+
+
+def base_symbol(dim: str) -> str:
+    """The symbol a dim is derived from (itself when it is not derived)."""
+    return dim.split(DERIVED, 1)[0]
+
+
+def dim_value(dim: int | str, env: dict[str, int]) -> int:
+    """The value of a fixed, symbolic or derived dim under ``env``."""
+    if isinstance(dim, int):
+        return dim
+    if DERIVED not in dim:
+        return env[dim]
+    base, factor = dim.split(DERIVED, 1)
+    return -(-env[base] // int(factor))
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One named input or output: dtype and dims (ints are fixed, strings are symbolic)."""
@@ -31,8 +50,8 @@ class TensorSpec:
     dims: tuple[int | str, ...]
 
     def shape(self, env: dict[str, int]) -> tuple[int, ...]:
-        """Concrete shape for the given symbol values."""
-        return tuple(d if isinstance(d, int) else env[d] for d in self.dims)
+        """Concrete shape for the given symbol values (derived dims like ``latent_height/4`` computed from theirs)."""
+        return tuple(dim_value(d, env) for d in self.dims)
 
     def dynamic_axes(self) -> dict[int, str]:
         """Axis index -> symbol, in the form torch.onnx.export expects."""
@@ -77,8 +96,8 @@ class ComponentSpec:
         seen: list[str] = []
         for tensor in self.inputs:
             for dim in tensor.dims:
-                if isinstance(dim, str) and dim not in seen:
-                    seen.append(dim)
+                if isinstance(dim, str) and base_symbol(dim) not in seen:
+                    seen.append(base_symbol(dim))
         return seen
 
     def to_dict(self) -> dict[str, Any]:
