@@ -94,7 +94,8 @@ def inspect_controlnets(info: SourceInfo, specs: list[ControlNetSpec]) -> tuple[
         return info, []
     sources = [_inspect_one(spec, index, info) for index, spec in enumerate(specs)]
     spec = with_controlnets(info.spec, info.configs["unet"], [s.config for s in sources])
-    return replace(info, spec=spec), sources
+    configs = {**info.configs, **{s.component: s.config for s in sources}}  # for the memory estimate
+    return replace(info, spec=spec, configs=configs), sources
 
 
 def controlnet_keys(keys: dict[str, str], sources: list[ControlNetSource]) -> dict[str, str]:

@@ -120,10 +120,19 @@ def _text_activations(config: Mapping[str, Any], env: Mapping[str, int]) -> int:
     return env["batch"] * (int(config["num_attention_heads"]) * seq * seq + int(config["hidden_size"]) * seq) * FLOAT
 
 
+def estimated(configs: Mapping[str, Any], component: str) -> bool:
+    """Whether ``component`` has an estimate: the UNet, ControlNets, the VAE and the text encoders (an IP-Adapter's
+    image encoder, a few hundred MiB at 224 px, has none)."""
+    return component in ("unet", "vae_encoder", "vae_decoder") or component.startswith("controlnet") or (
+        component.startswith("text_encoder") and component in configs)
+
+
 def activations(configs: Mapping[str, Any], component: str, env: Mapping[str, int]) -> int:
     """Bytes of the largest activations of ``component`` at symbol values ``env``."""
     if component == "unet":
         return _unet_activations(configs["unet"], env)
+    if component.startswith("controlnet"):  # the UNet's down and mid blocks: its config when known, else the UNet's
+        return _unet_activations(configs.get(component, configs["unet"]), env)
     if component.startswith("vae"):
         return _vae_activations(configs["vae"], env)
     return _text_activations(configs[component], env)
@@ -144,6 +153,10 @@ def _module(configs: Mapping[str, Any], component: str) -> Any:
 
     if component == "unet":
         return diffusers.UNet2DConditionModel.from_config(configs["unet"])
+    if component.startswith("controlnet"):
+        if component in configs:
+            return diffusers.ControlNetModel.from_config(configs[component])
+        return diffusers.UNet2DConditionModel.from_config(configs["unet"])  # an upper bound
     if component.startswith("vae"):
         vae = diffusers.AutoencoderKL.from_config(configs["vae"])
         return vae.encoder if component == "vae_encoder" else vae.decoder
@@ -157,7 +170,7 @@ def estimates(configs: Mapping[str, Any], spec: Any, components: list[str], rang
     from sdexport.export.onnx import trace_env, validation_envs
 
     out = []
-    for name in components:
+    for name in (n for n in components if estimated(configs, n)):
         component = spec.components[name]
         weights = weights_of[name] if weights_of and name in weights_of else weight_bytes(configs, name)
         envs = [("trace", trace_env(spec, component, ranges))]
@@ -204,6 +217,8 @@ def check_budget(configs: Mapping[str, Any], spec: Any, components: list[str], r
         return []
     limit = available_memory() if budget is None else parse_size(budget)
     found = estimates(configs, spec, components, ranges)
+    if not found:
+        return []
     worst = max(found, key=lambda e: e.total)
     log.info("estimated build peak %s (%s %s at %s); budget %s", _gib(worst.total), worst.component, worst.phase,
              worst.shape, _gib(limit))
