@@ -227,3 +227,13 @@ def test_tensorrt_backend_without_gpu_fails_before_any_export(tmp_path: Path, ca
     assert code == 1
     assert "needs an NVIDIA GPU" in capsys.readouterr().err
     assert not (tmp_path / "trt").exists()
+
+
+def test_an_ip_adapter_and_controlnets_in_one_build_are_refused_before_any_work(tmp_path: Path) -> None:
+    from sdexport.export.controlnet import ControlNetSpec
+
+    config = BuildConfig(model="tiny-sd15", out=tmp_path / "out", ip_adapter=tmp_path / "adapter.safetensors",
+                         controlnets=[ControlNetSpec.parse(str(tmp_path / "controlnet"))])
+    with pytest.raises(ValueError, match=r"ip_adapter=.*adapter\.safetensors.* with controlnets: .*not both"):
+        build(config)
+    assert not (tmp_path / "out").exists()
