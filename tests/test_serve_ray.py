@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,38 +10,23 @@ import httpx
 import numpy as np
 import pytest
 
+from fakes.ray_local import local_ray
 from fakes.serving import free_port, pixels, wait_ready
 from sdexport.serve.config import ServeConfig
 from sdexport.serve.ray_serve import ReplicaPlan, build_deployment
 
 pytestmark = pytest.mark.ray
 
-RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-machine mode: every Ray process listens on 127.0.0.1 only
-    "RAY_AUTH_MODE": "disabled",  # no token written into the home directory
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-
-
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[Any]:
-    """A fresh local Ray (never a leftover cluster) with 2 CPUs and 2 logical GPUs, shut down at the end."""
-    saved = {key: os.environ.get(key) for key in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    import ray
-    from ray import serve
+    """A fresh local Ray (never a leftover cluster) with 2 CPUs and 2 logical GPUs, Serve shut down at the end."""
+    with local_ray() as ray:
+        from ray import serve
 
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        try:
+            yield ray
+        finally:
+            serve.shutdown()
 
 
 def test_ray_serve_runs_one_replica_per_gpu_with_the_same_images(ray_instance: Any,

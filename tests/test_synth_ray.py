@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,30 +9,18 @@ from typing import Any
 
 import pytest
 
+from fakes.ray_local import local_ray
 from fakes.synth_tables import metadata, snapshot, twenty_rows, write_table
 from sdexport.synth import Defaults, RayOptions, SynthConfig, synthesize
 
 pytestmark = pytest.mark.ray
 
-ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[Any]:
     """A fresh loopback-only Ray instance with 2 CPUs and 2 logical GPUs (no GPU needed), shut down at the end."""
-    ray = pytest.importorskip("ray")
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    pytest.importorskip("ray")
+    with local_ray() as ray:
         yield ray
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
