@@ -46,6 +46,22 @@ def test_openai_generations_equal_direct_pipeline_calls(pipe: Any) -> None:
         np.testing.assert_array_equal(pixels(item["b64_json"]), expected)  # exact: same seeds, same batch
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded"])
+def test_a_json_body_sent_as_curl_does_is_read_as_json(pipe: Any, content_type: str | None) -> None:
+    """``curl URL -d '{...}'`` sends the JSON with curl's form Content-Type (or none): it is still a request."""
+    body = json.dumps({"prompt": "a lighthouse", "size": "64x64", "seed": 7, "num_inference_steps": STEPS})
+    headers = {"content-type": content_type} if content_type else {}
+
+    async def go() -> Any:
+        async with serving(create_app(pipe, FAST)) as client:
+            return await client.post("/v1/images/generations", content=body.encode(), headers=headers)
+
+    answer = asyncio.run(go())
+    assert answer.status_code == 200, answer.text
+    alone = pipe("a lighthouse", height=64, width=64, seed=7, num_inference_steps=STEPS, output_type="np")
+    np.testing.assert_array_equal(pixels(answer.json()["data"][0]["b64_json"]), alone.images[0])
+
+
 def test_the_openai_client_library_is_accepted(pipe: Any) -> None:
     openai = pytest.importorskip("openai")
     import httpx

@@ -25,6 +25,18 @@ PROTECTED = ("/v1/", "/metrics")
 """Path prefixes that need the bearer token when auth is on (health checks and docs stay open)."""
 ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/v1/generate", "/healthz", "/readyz", "/metrics")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+JSON_ENDPOINTS = ("/v1/images/generations", "/v1/generate")
+"""Routes whose body is always JSON: one sent as a form (``curl -d`` without a Content-Type) is read as JSON."""
+
+
+def json_content_type(scope: Scope) -> None:
+    """Read a JSON route's body as JSON when the client sent no Content-Type or curl's form default."""
+    if scope.get("method") != "POST" or scope.get("path") not in JSON_ENDPOINTS:
+        return
+    headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+    given = dict(scope.get("headers") or []).get(b"content-type", b"")
+    if given.split(b";")[0].strip().lower() in (b"", b"application/x-www-form-urlencoded"):
+        scope["headers"] = [*headers, (b"content-type", b"application/json")]
 
 
 def token_matches(header: bytes | None, key: str) -> bool:
@@ -55,6 +67,7 @@ class Gate:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
+        json_content_type(scope)
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
