@@ -27,7 +27,8 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_arguments_and_defaults() -> None:
     args = parse("some/folder")
     assert args.steps == [4, 20] and args.batch == [1, 4] and args.repeats == 5
-    assert args.systems == ["sdexport", "diffusers-eager", "diffusers-compile", "optimum-ort", "optimum-openvino"]
+    assert args.systems == ["sdexport", "sdexport-openvino", "sdexport-openvino-bf16", "diffusers-eager",
+                            "diffusers-compile", "optimum-ort", "optimum-openvino"]
     assert parse("f", "--systems", "sdexport").systems == ["sdexport"]
     with pytest.raises(SystemExit):
         parse("f", "--systems", "tensorflow")

@@ -12,7 +12,8 @@ from harness.report import case_label
 from harness.systems import EAGER, SYSTEM_NAMES
 
 COLORS = {"sdexport": (31, 119, 180), "diffusers-eager": (150, 150, 150), "diffusers-compile": (255, 127, 14),
-          "optimum-ort": (44, 160, 44), "optimum-openvino": (148, 103, 189)}
+          "optimum-ort": (44, 160, 44), "optimum-openvino": (148, 103, 189),
+          "sdexport-openvino": (23, 190, 207), "sdexport-openvino-bf16": (188, 189, 34)}
 WIDTH, LEFT, RIGHT, BAR, GAP, TOP = 1100, 330, 60, 14, 12, 70
 
 

@@ -28,7 +28,8 @@ from harness.worker import PREFIX
 
 log = logging.getLogger(__name__)
 
-NOMINAL_BACKEND = {OURS: "onnxruntime", EAGER: "torch-eager", "diffusers-compile": "torch-inductor",
+NOMINAL_BACKEND = {OURS: "onnxruntime", "sdexport-openvino": "openvino", "sdexport-openvino-bf16": "openvino",
+                   EAGER: "torch-eager", "diffusers-compile": "torch-inductor",
                    OPTIMUM: "onnxruntime (optimum)", OPTIMUM_OV: "openvino (optimum-intel)"}
 
 

@@ -24,7 +24,7 @@ from harness.optimum_env import (
 )
 from harness.runner import Context, run_suite
 from harness.sgemm import measure_ceiling
-from harness.systems import COMPILE, OPTIMUM, OURS, SYSTEM_NAMES, TORCH_SYSTEMS, VENV_SYSTEMS
+from harness.systems import COMPILE, OPTIMUM, OURS_BACKENDS, SYSTEM_NAMES, TORCH_SYSTEMS, VENV_SYSTEMS
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def check_systems(systems: Sequence[str]) -> dict[str, str]:
 def prepare(suite: Suite, folders: Folders, ctx: Context, venv_root: Path) -> None:
     """Build what the suite's systems need (once; cached); a peer whose preparation fails is marked unavailable."""
     ensure_compiled(suite.model, suite.random_weights, folders.compiled, suite.build_height, suite.build_width)
-    peers = [s for s in ctx.systems if s != OURS and s not in ctx.unavailable]
+    peers = [s for s in ctx.systems if s not in OURS_BACKENDS and s not in ctx.unavailable]
     if not peers:
         return
     if not folders.diffusers.exists():

@@ -15,7 +15,10 @@ EAGER = "diffusers-eager"
 COMPILE = "diffusers-compile"
 OPTIMUM = "optimum-ort"
 OPTIMUM_OV = "optimum-openvino"
-SYSTEM_NAMES = (OURS, EAGER, COMPILE, OPTIMUM, OPTIMUM_OV)
+OURS_BACKENDS = {OURS: ("onnxruntime", {}), "sdexport-openvino": ("openvino", {"precision": "f32"}),
+                 "sdexport-openvino-bf16": ("openvino", {"precision": "bf16"})}
+"""Our runtime as systems: name -> (backend, engine options). The default is ONNX Runtime at fp32."""
+SYSTEM_NAMES = (*OURS_BACKENDS, EAGER, COMPILE, OPTIMUM, OPTIMUM_OV)
 VENV_SYSTEMS = {OPTIMUM: "harness.systems.optimum", OPTIMUM_OV: "harness.systems.optimum_intel"}
 """Peers that run in a virtual environment of their own -> the module that exports their folder."""
 TORCH_SYSTEMS = (EAGER, COMPILE)
@@ -37,10 +40,11 @@ class Runner(Protocol):
 def open_runner(system: str, paths: Mapping[str, str], options: Mapping[str, Any] | None = None) -> Runner:
     """Load ``system`` from the folders in ``paths`` (compiled / diffusers / optimum / optimum_openvino)."""
     options = dict(options or {})
-    if system == OURS:
+    if system in OURS_BACKENDS:
         from harness.systems.ours import OursRunner
 
-        return OursRunner(paths["compiled"], options)
+        backend, engine_options = OURS_BACKENDS[system]
+        return OursRunner(paths["compiled"], {**engine_options, **options}, backend)
     if system in TORCH_SYSTEMS:
         from harness.systems.torch_peers import load_diffusers
 

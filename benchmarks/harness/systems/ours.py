@@ -1,4 +1,4 @@
-"""Our runtime as a benchmarked system: sdexport's Pipeline on a compiled folder (numpy + ONNX Runtime)."""
+"""Our runtime as a benchmarked system: sdexport's Pipeline on a compiled folder (numpy + ONNX Runtime or OpenVINO)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from harness.timing import RunTiming
 class OursRunner:
     """``Pipeline.load(folder)`` with default settings; runs report the runtime's own per-stage timings."""
 
-    def __init__(self, folder: str | Path, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, folder: str | Path, options: Mapping[str, Any] | None = None,
+                 backend: str = "onnxruntime") -> None:
         from sdexport.runtime.pipeline import Pipeline
 
-        self.pipe = Pipeline.load(folder, engine_options=dict(options or {}))
+        self.pipe = Pipeline.load(folder, backend=backend, engine_options=dict(options or {}))
 
     def run(self, case: Case, latents: np.ndarray) -> tuple[RunTiming, np.ndarray]:
         """One generation with the shared latents; images as float32 NHWC in [0, 1]."""
@@ -34,5 +35,6 @@ class OursRunner:
     def info(self) -> dict[str, Any]:
         """Backend, UNet precision and scheduler of the loaded folder."""
         unet = self.pipe.manifest["components"]["unet"]
-        return {"backend": self.pipe.backend, "precision": unet.get("precision", "fp32"),
+        precision = getattr(self.pipe.engines["unet"], "precision", None) or unet.get("precision", "fp32")
+        return {"backend": self.pipe.backend, "precision": precision,
                 "scheduler": self.pipe.scheduler.class_name, "family": self.pipe.family}
