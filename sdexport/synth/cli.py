@@ -95,7 +95,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if config.dry_run:
-        print(summary.plan_text())
+        sys.stdout.write(summary.plan_text() + "\n")
     elif not args.quiet:
-        print(summary.text(), file=sys.stderr)
+        sys.stderr.write(summary.text() + "\n")
     return 0
