@@ -29,7 +29,7 @@ from sdexport.runtime.conditioning import conditioner_for
 from sdexport.runtime.control import ControlInputs, ControlLoop, Controls
 from sdexport.runtime.denoise import Cancelled, Guidance, denoise
 from sdexport.runtime.images import postprocess
-from sdexport.runtime.ip_adapter import IMAGE_ENCODER, condition_on_image, image_prompt
+from sdexport.runtime.ip_adapter import IMAGE_ENCODER, ImagePrompt, condition_on_image, image_prompt
 from sdexport.runtime.latents import LatentSource, Start, start_img2img, start_inpaint, start_txt2img
 from sdexport.runtime.noise import NoiseStreams
 from sdexport.runtime.request import Request, build_request, latent_space
@@ -239,11 +239,13 @@ class Pipeline:
         """Check every argument against this folder without running an engine; raise RequestError naming it."""
         return self._checked(args)[:3]
 
-    def _checked(self, args: GenerationArgs) -> tuple[Request, Scheduler, Plan, ControlInputs | None]:
-        """``validate``, plus the ControlNet inputs of a ControlNet folder (``image`` is the control image there)."""
+    def _checked(self, args: GenerationArgs) -> tuple[Request, Scheduler, Plan, ControlInputs | None,
+                                                      ImagePrompt | None]:
+        """``validate``, plus the ControlNet inputs of a ControlNet folder (``image`` is the control image there)
+        and the IP-Adapter image prompt of an IP-Adapter folder."""
         args, pictures = self.controls.split(args)
         request = build_request(self.spec, self.ranges, args, self.conditioner.chunks_needed)
-        image_prompt(self.spec, self.manifest, args)
+        prompt_image = image_prompt(self.spec, self.manifest, args)
         control = None if pictures is None else self.controls.inputs(
             args, pictures, request.prompts.count, request.per_prompt, request.height, request.width)
         try:
@@ -254,13 +256,12 @@ class Pipeline:
         except SchedulerConfigError as exc:
             raise RequestError(f"scheduler={args.scheduler!r}, scheduler_config={args.scheduler_config!r}: "
                                f"{exc}") from exc
-        return request, sched, plan, control
+        return request, sched, plan, control, prompt_image
 
     def generate(self, args: GenerationArgs) -> GenerationResult:
         """Generate from a ``GenerationArgs``: validate everything, then encode, start, denoise and decode."""
         t_start = time.perf_counter()
-        request, sched, plan, control = self._checked(args)
-        prompt_image = image_prompt(self.spec, self.manifest, args)
+        request, sched, plan, control, prompt_image = self._checked(args)
         timings = Timings()
         streams = NoiseStreams(request.seeds, request.rng)
         t0 = time.perf_counter()
