@@ -49,6 +49,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eta-min", type=float, default=1e-6, help="cosine schedule floor")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--empty-captions", type=float, default=0.1, help="fraction of empty captions (for CFG)")
+    p.add_argument("--snr-gamma", type=float, default=5.0,
+                   help="min-SNR loss weighting (Hang et al. 2023); 0 for the plain MSE")
     return p.parse_args(argv)
 
 
@@ -166,11 +168,23 @@ def encode_latents(vae: Any, images: np.ndarray, batch: int = 250) -> torch.Tens
     return means * scaling
 
 
+def _snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """timesteps -> per-sample loss weights min(SNR, gamma) / SNR for noise prediction (all 1 when gamma is 0)."""
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    table = torch.ones_like(snr) if gamma <= 0 else torch.clamp(snr, max=gamma) / snr
+
+    def weights(timesteps: torch.Tensor) -> torch.Tensor:
+        return table.to(timesteps.device)[timesteps].float()
+
+    return weights
+
+
 def _diffusion_loss(args: argparse.Namespace, empty_ids: torch.Tensor
                     ) -> Callable[[list[Any], tuple[torch.Tensor, ...]], torch.Tensor]:
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler(**architecture.TRAIN_SCHEDULER)
+    weights = _snr_weights(noise_scheduler.alphas_cumprod, args.snr_gamma)
 
     def loss(models: list[Any], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         (unet, text_encoder), (latents, ids) = models, batch
@@ -181,7 +195,8 @@ def _diffusion_loss(args: argparse.Namespace, empty_ids: torch.Tensor
         noise = torch.randn(latents.shape, device=latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(ids)[0]
-        return F.mse_loss(unet(noisy, timesteps, hidden).sample.float(), noise.float())
+        error = F.mse_loss(unet(noisy, timesteps, hidden).sample.float(), noise.float(), reduction="none")
+        return (error.mean(dim=(1, 2, 3)) * weights(timesteps)).mean()
 
     return loss
 
