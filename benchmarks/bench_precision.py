@@ -26,6 +26,7 @@ import numpy as np
 from harness.environment import environment
 from harness.flops import unet_feeds
 from sdexport import Pipeline
+from sdexport.demo import GUIDANCE
 from sdexport.demo.evaluate import prompt_list, score
 from sdexport.demo.shapes import IMAGE_SIZE, caption
 
@@ -122,7 +123,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="UNet calls per variant (--unet-only)")
     p.add_argument("--per-combo", type=int, default=1, help="demo pictures per shape/colour combination")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=2.0, help="the demo model is made for 1-2 (docs/demo.md)")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help="default %(default)s, the scale the demo model is made for")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args()

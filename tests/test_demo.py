@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdexport.demo import MODEL_DIR, shapes
+from sdexport.demo import GUIDANCE, MODEL_DIR, shapes
 from sdexport.demo.evaluate import prompt_list, read, score
 
 # (shape colour, shape, background, seed): a spread of trained combinations, then three held out of training, each at
 # seed 0, 1 or 2 in turn (not picked per prompt). The shipped model reads right on ~99% of all combinations at
 # guidance 2 (see docs/demo.md), so a change that damages the pictures fails here.
-GUIDANCE = 2.0
 FIXED_PROMPTS = [
     (*combo, index % 3)
     for index, combo in enumerate([
