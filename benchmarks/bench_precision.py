@@ -123,7 +123,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="UNet calls per variant (--unet-only)")
     p.add_argument("--per-combo", type=int, default=1, help="demo pictures per shape/colour combination")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=GUIDANCE, help="default %(default)s, the scale the demo model is made for")
+    p.add_argument("--guidance", type=float, default=GUIDANCE,
+                   help="default %(default)s, the scale the demo model is made for")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args()

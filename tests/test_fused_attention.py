@@ -187,6 +187,8 @@ def test_engine_shrinks_the_arena_after_each_run_only_when_it_has_one(
     component = tiny_source(PRESET).spec.components["vae_decoder"]
     opts = session_options()
     assert opts.enable_cpu_mem_arena  # the default
+    # Threads spin within a run and stop when it ends, so an idle session's pool does not hold the cores.
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
     opts.enable_cpu_mem_arena = arena
     engine = OrtEngine("vae_decoder", folder / "vae_decoder" / "model.onnx", component.inputs, component.outputs,
                        options=opts)

@@ -151,9 +151,12 @@ def component_graph(folder: Path, component: str = "unet") -> Path:
 
 
 def count_unet(folder: Path, batch: int, height: int, width: int) -> dict[str, Any]:
-    """FLOPs of one UNet evaluation (with CFG: 2 x batch rows) and the served graph's kernel-time shares by op."""
+    """FLOPs of one UNet evaluation (with CFG: 2 x batch rows, counted on the portable graph) and the kernel-time
+    shares by op of the graph the runtime serves (the fused one when the folder has it)."""
+    from sdexport.engines.ort import fused_graph
+
     graph, feeds = component_graph(folder), unet_feeds(folder, batch, height, width)
     counted = profile_graph(graph, feeds, level="basic")
-    served = profile_graph(graph, feeds, level="all", runs=2)
+    served = profile_graph(fused_graph(graph), feeds, level="all", runs=2)  # the graph the runtime opens
     return {"flops": counted.flops, "flops_by_op": dict(counted.flops_by_op), "time_shares": served.time_shares(),
             "rows": next(iter(feeds.values())).shape[0]}

@@ -39,11 +39,13 @@ class Variant:
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("baseline", "sdexport defaults: ORT_ENABLE_ALL, intra-op threads = cores, inter-op 1, sequential, "
-            "no memory arena, memory pattern on"),
+            "memory arena on and shrunk after each run, memory pattern on, spinning stopped after each run"),
     Variant("intra_1", "intra_op_num_threads=1", {"intra_op_num_threads": 1}),
     Variant("intra_0", "intra_op_num_threads=0 (ONNX Runtime picks: physical cores)", {"intra_op_num_threads": 0}),
     Variant("no_spinning", "session.intra_op.allow_spinning=0 (threads sleep instead of spin-waiting)",
             config={"session.intra_op.allow_spinning": "0"}),
+    Variant("keep_spinning", "session.force_spinning_stop=0 (threads keep spinning after a run ends)",
+            config={"session.force_spinning_stop": "0"}),
     Variant("parallel_inter_2", "execution_mode=ORT_PARALLEL, inter_op_num_threads=2",
             {"execution_mode": "ORT_PARALLEL", "inter_op_num_threads": 2}),
     Variant("opt_disable", "graph_optimization_level=ORT_DISABLE_ALL", {"graph_optimization_level": "ORT_DISABLE_ALL"}),

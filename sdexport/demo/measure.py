@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sdexport", type=Path, help="the folder `sdexport build --model <diffusers folder>` wrote")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=1, help="CPU threads of torch / ONNX Runtime")
-    p.add_argument("--guidance", type=float, default=GUIDANCE, help="default %(default)s, the scale the demo model is made for")
+    p.add_argument("--guidance", type=float, default=GUIDANCE,
+                   help="default %(default)s, the scale the demo model is made for")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first picture; the others count up")
     p.add_argument("--trained-per-combo", type=int, default=2, help="pictures per trained combination (80)")
     p.add_argument("--held-out-per-combo", type=int, default=10, help="pictures per held-out combination (10)")
