@@ -100,8 +100,8 @@ def test_truncated_file_is_caught_without_hashing(copied: Path) -> None:
 
 
 def test_unlisted_file_next_to_a_graph_is_refused(copied: Path) -> None:
-    (copied / "unet" / "model.onnx.data").write_bytes(b"weights nobody vouched for")
-    with pytest.raises(ArtifactError, match=r"model\.onnx\.data is not listed in the manifest"):
+    (copied / "unet" / "weights.data").write_bytes(b"weights nobody vouched for")
+    with pytest.raises(ArtifactError, match=r"weights\.data is not listed in the manifest"):
         Pipeline.load(copied)
 
 

@@ -4,7 +4,7 @@ Layout of a folder::
 
     manifest.json                       written LAST; a folder without it is an unfinished build
     <component>/model.onnx              one graph per component (text_encoder, text_encoder_2, unet, vae_*)
-    <component>/model.onnx.data         its weights when the graph is over 2 GB (one file per graph)
+    <component>/model.onnx.data         its weights, page-aligned (one file per graph; fused siblings share it)
     tokenizer/, tokenizer_2/            CLIP tokenizer files (vocab.json, merges.txt, configs)
     scheduler/scheduler_config.json     the source's scheduler config
     .build/<component>.json             per-component records of an unfinished build (resume points)

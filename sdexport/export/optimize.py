@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
 
 log = logging.getLogger(__name__)
 
-PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_MIN_BYTES = 1024
+"""Weights at least this large are saved in the graph's data file, smaller ones (shapes, scalars) inline."""
 # Ops kept in fp32 inside fp16 graphs: normalisation statistics and the softmax/exp family overflow in fp16.
 FP16_KEEP_FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax", "Exp"]
 
@@ -103,6 +105,14 @@ def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
+def _write_aligned(out: BinaryIO, data: bytes) -> int:
+    """Append ``data`` to ``out`` at the next page boundary (page-aligned tensors can be memory-mapped); its offset."""
+    out.write(b"\0" * (-out.tell() % 4096))
+    offset = out.tell()
+    out.write(data)
+    return offset
+
+
 def _stream_external_data(model: onnx.ModelProto, source_dir: Path, data_path: Path) -> None:
     """Copy every external tensor from its (loose) file under ``source_dir`` into ONE data file, one at a time.
 
@@ -111,17 +121,26 @@ def _stream_external_data(model: onnx.ModelProto, source_dir: Path, data_path: P
     with data_path.open("wb") as out:
         for tensor in _external_tensors(model):
             data = _read_external(tensor, source_dir)
-            out.write(b"\0" * (-out.tell() % 4096))  # page-aligned tensors can be memory-mapped
-            offset = out.tell()
-            out.write(data)
-            _set_external(tensor, data_path.name, offset, len(data))
+            _set_external(tensor, data_path.name, _write_aligned(out, data), len(data))
+
+
+def _move_inline_data(model: onnx.ModelProto, data_path: Path) -> None:
+    """Move every inline weight of at least ``EXTERNAL_MIN_BYTES`` into ONE data file; small ones stay inline."""
+    with data_path.open("wb") as out:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+                data = tensor.raw_data
+                _set_external(tensor, data_path.name, _write_aligned(out, data), len(data))
+                tensor.ClearField("raw_data")
 
 
 def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = None) -> list[Path]:
-    """Save one graph; weights go to ONE external-data file next to it when the graph would pass 2 GB.
+    """Save one graph with its weights in ONE external-data file next to it (``<graph>.data``), whatever its size.
 
-    A model loaded without its external data (``source_dir`` says where the loose files are) is consolidated by
-    streaming. Returns every file written (the graph, and its data file if any).
+    Weights inside the protobuf cost ONNX Runtime about three times their size to load and it keeps most of that
+    (SD 1.5 text encoder: 846 MiB resident for 470 MiB of weights; 408 MiB from a data file). A model loaded
+    without its external data (``source_dir`` says where the loose files are) is consolidated by streaming.
+    Returns every file written (the graph, and its data file when it has weights).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     data_path = path.parent / (path.name + ".data")
@@ -130,15 +149,13 @@ def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = Non
         if source_dir is None:
             raise ValueError("a graph with external tensors needs source_dir to find them")
         _stream_external_data(model, source_dir, data_path)
-        onnx.save_model(model, str(path))
-        return [path, data_path]
-    if initializer_bytes(model) < PROTOBUF_LIMIT - (64 << 20):
+    else:
+        _move_inline_data(model, data_path)
+    if not _external_tensors(model):
+        data_path.unlink()
         onnx.save_model(model, str(path))
         return [path]
-    onnx.save_model(
-        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=data_path.name, size_threshold=1024,
-    )
+    onnx.save_model(model, str(path))
     return [path, data_path]
 
 
