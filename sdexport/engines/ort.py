@@ -47,7 +47,8 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts.enable_cpu_mem_arena = True
     # Each session has its own intra-op pool whose threads spin-wait after a run; the UNet's spinning threads then
     # take the cores from the scheduler step, the next component and the next call. Spin within a run (the UNet's
-    # many small ops need it), stop when it ends: tiny-sd15 at 4 steps 2.4x faster (benchmarks/README.md).
+    # many small ops need it), stop when it ends: tiny-sd15 at 4 steps 2-4x faster (benchmarks/README.md,
+    # "Threads that stop spinning, weights in data files, the heap trimmed").
     opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.log_severity_level = 3
     return opts

@@ -112,8 +112,9 @@ def _check_config(config: BuildConfig, info: SourceInfo) -> None:
 
 
 # Bumped when the exported graphs change for the same source and settings (2: constant-scale attention, fused
-# ONNX Runtime graph beside the portable one); part of every component's key, so older builds are redone.
-EXPORT_FORMAT = 2
+# ONNX Runtime graph beside the portable one; 3: every graph's weights in a data file); part of every component's
+# key, so older builds are redone.
+EXPORT_FORMAT = 3
 
 
 def _component_key(info: SourceInfo, name: str, precision: str, ranges: ShapeRanges, loras: list[dict]) -> str:
