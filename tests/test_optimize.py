@@ -70,3 +70,37 @@ def test_streamed_consolidation_keeps_every_weight(raw_unet: tuple[Path, Path, o
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_inline_weights_move_to_one_aligned_data_file(tmp_path: Path) -> None:
+    """A small graph held in memory is saved like a large one: weights in model.onnx.data, scalars inline."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 32), dtype=np.float32)  # 2 KiB: external
+    b = rng.standard_normal((1, 32), dtype=np.float32)  # 128 bytes: stays inline
+    v = rng.standard_normal((32, 32), dtype=np.float32)  # 4 KiB: external, at the next page
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["hb"]),
+         helper.make_node("MatMul", ["hb", "v"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(v, "v")])
+    written = optimize.save_graph(helper.make_model(graph), tmp_path / "model.onnx")
+    assert [p.name for p in written] == ["model.onnx", "model.onnx.data"]
+    saved = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in saved.graph.initializer}
+    assert where["b"] == {} and where["w"]["offset"] == "0" and int(where["v"]["offset"]) % 4096 == 0
+    x = rng.standard_normal((2, 16), dtype=np.float32)
+    got = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got[0], (x @ w + b) @ v, rtol=1e-5, atol=1e-5)  # fp32 matmul order differences
+
+
+def test_graph_without_large_weights_stands_alone(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    assert optimize.save_graph(helper.make_model(graph), tmp_path / "model.onnx") == [tmp_path / "model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

@@ -26,17 +26,6 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    """Total size of the weights (counted from the tensors, not from ByteSize(), which can overflow)."""
-    total = 0
-    for init in model.graph.initializer:
-        count = 1
-        for dim in init.dims:
-            count *= dim
-        total += count * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-    return total
-
-
 def infer_types(path: Path, typed_path: Path) -> None:
     """Shape/type inference from file to file, which works for graphs over 2 GB (in-memory inference does not)."""
     onnx.shape_inference.infer_shapes_path(str(path), str(typed_path))
@@ -138,7 +127,7 @@ def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = Non
     """Save one graph with its weights in ONE external-data file next to it (``<graph>.data``), whatever its size.
 
     Weights inside the protobuf cost ONNX Runtime about three times their size to load and it keeps most of that
-    (SD 1.5 text encoder: 846 MiB resident for 470 MiB of weights; 408 MiB from a data file). A model loaded
+    (SD 1.5 text encoder: 846 MiB resident for 470 MiB of weights; 421 MiB from a data file). A model loaded
     without its external data (``source_dir`` says where the loose files are) is consolidated by streaming.
     Returns every file written (the graph, and its data file when it has weights).
     """
@@ -152,11 +141,9 @@ def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = Non
     else:
         _move_inline_data(model, data_path)
     if not _external_tensors(model):
-        data_path.unlink()
-        onnx.save_model(model, str(path))
-        return [path]
+        data_path.unlink()  # no weight of EXTERNAL_MIN_BYTES or more: the graph stands alone
     onnx.save_model(model, str(path))
-    return [path, data_path]
+    return [path, data_path] if data_path.exists() else [path]
 
 
 def load_graph(path: Path, with_data: bool = True) -> onnx.ModelProto:
