@@ -11,16 +11,10 @@ from typing import Any
 
 import pytest
 
+from harness.memory import current_rss_mib
 from sdexport.engines import ort as ort_engine
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 @pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
@@ -34,11 +28,12 @@ def test_release_heap_returns_freed_heap_pages_to_the_os() -> None:
         ctypes.memset(b, 1, block)
     for b in blocks[::2]:  # every other block freed: holes glibc keeps, since the heap's top is still in use
         libc.free(b)
-    before = _rss_mib()
+    before = current_rss_mib()
     assert ort_engine.release_heap() is True
-    after = _rss_mib()
+    after = current_rss_mib()
     for b in blocks[1::2]:
         libc.free(b)
+    assert before is not None and after is not None
     assert before - after > 50, (before, after)  # about 100 MiB of freed holes go back
 
 

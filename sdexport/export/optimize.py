@@ -126,7 +126,7 @@ def _move_inline_data(model: onnx.ModelProto, data_path: Path) -> None:
 def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = None) -> list[Path]:
     """Save one graph with its weights in ONE external-data file next to it (``<graph>.data``), whatever its size.
 
-    Weights inside the protobuf cost ONNX Runtime about three times their size to load and it keeps most of that
+    Weights inside the protobuf cost ONNX Runtime two to three times their size to load and it keeps most of that
     (SD 1.5 text encoder: 846 MiB resident for 470 MiB of weights; 421 MiB from a data file). A model loaded
     without its external data (``source_dir`` says where the loose files are) is consolidated by streaming.
     Returns every file written (the graph, and its data file when it has weights).
