@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sdexport.engines import openvino_precision as precision_probe
+from sdexport.engines.memory import PageOut, release_heap
 from sdexport.engines.registry import Backend, BackendStatus, Option, register_backend
 from sdexport.specs import TensorSpec
 
@@ -92,15 +93,22 @@ class OpenVinoEngine:
         self.outputs = outputs
         self.config = dict(config or compile_config())
         self.precision = "int8" if int8_weights else str(self.config["INFERENCE_PRECISION_HINT"])
-        core = ov.Core()
-        model = core.read_model(str(self.graph))
-        if initializer_overrides:
-            missing = replace_constants(model, initializer_overrides)
-            if missing:
-                raise ValueError(f"{self.graph}: no weight(s) {missing[:5]} in the graph to replace")
-        if int8_weights:
-            model = compress_int8(model)
-        self.compiled = core.compile_model(model, "CPU", self.config)
+        # OpenVINO maps the weight file and copies each weight while it compiles and on a run with new shapes;
+        # the pages it read are handed back meanwhile (PageOut) rather than held beside the copies.
+        self._pages = PageOut(self.graph.parent)
+        self._shapes: set[tuple[tuple[int, ...], ...]] = set()
+        with self._pages:
+            core = ov.Core()
+            model = core.read_model(str(self.graph))
+            if initializer_overrides:
+                missing = replace_constants(model, initializer_overrides)
+                if missing:
+                    raise ValueError(f"{self.graph}: no weight(s) {missing[:5]} in the graph to replace")
+            if int8_weights:
+                model = compress_int8(model)
+            self.compiled = core.compile_model(model, "CPU", self.config)
+            del model
+        release_heap()
         ports = {port.get_any_name(): port for port in self.compiled.outputs}
         absent = [t.name for t in outputs if t.name not in ports]
         if absent:
@@ -117,7 +125,14 @@ class OpenVinoEngine:
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run once on this thread's infer request; returns numpy arrays (copies) keyed by output name."""
         request = self._request()
-        request.infer({t.name: np.ascontiguousarray(feeds[t.name]) for t in self.inputs})
+        arrays = {t.name: np.ascontiguousarray(feeds[t.name]) for t in self.inputs}
+        shapes = tuple(a.shape for a in arrays.values())
+        if shapes in self._shapes:
+            request.infer(arrays)
+        else:
+            with self._pages:
+                request.infer(arrays)
+            self._shapes.add(shapes)
         return {t.name: np.array(request.get_tensor(port).data, copy=True)
                 for t, port in zip(self.outputs, self._ports, strict=True)}
 

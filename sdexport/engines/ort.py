@@ -5,9 +5,6 @@ Declares the "onnxruntime" backend (the default: it needs nothing beyond sdexpor
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -18,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
+from sdexport.engines.memory import release_heap
 from sdexport.engines.registry import Backend, BackendStatus, Option, register_backend
 from sdexport.errors import ArtifactError
 from sdexport.specs import TensorSpec
@@ -103,22 +101,6 @@ def _open_session(graph: Path, opts: ort.SessionOptions, providers: Sequence[Any
         return ort.InferenceSession(str(graph), sess_options=opts, providers=list(providers))
     except _LOAD_ERRORS as exc:
         raise ArtifactError(f"ONNX Runtime cannot load {graph}: {str(exc).strip()[:300]}; rebuild the folder") from exc
-
-
-def release_heap() -> bool:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``); False where there is no such call.
-
-    Opening a session parses and rewrites the graph in many small allocations that glibc keeps after they are
-    freed: SD 1.5's fused UNet holds 3636 MiB after opening, 3349 MiB after this, the VAE decoder 399 -> 250 MiB.
-    """
-    trim = _malloc_trim()
-    return bool(trim(0)) if trim is not None else False
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    name = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
 
 
 class OrtEngine:

@@ -1,0 +1,140 @@
+"""Engines hand memory back: the C heap's freed pages after opening (glibc), mapped weight pages once copied."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import platform
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from harness.memory import current_rss_mib
+from sdexport.engines import memory
+from sdexport.engines import ort as ort_engine
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+LINUX = platform.system() == "Linux"
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
+def test_release_heap_returns_freed_heap_pages_to_the_os() -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    block = 64 << 10  # under glibc's mmap threshold: these live on the heap
+    blocks = [libc.malloc(block) for _ in range(3200)]  # 200 MiB
+    for b in blocks:
+        ctypes.memset(b, 1, block)
+    for b in blocks[::2]:  # every other block freed: holes glibc keeps, since the heap's top is still in use
+        libc.free(b)
+    before = current_rss_mib()
+    assert memory.release_heap() is True
+    after = current_rss_mib()
+    for b in blocks[1::2]:
+        libc.free(b)
+    assert before is not None and after is not None
+    assert before - after > 50, (before, after)  # about 100 MiB of freed holes go back
+
+
+def test_engine_releases_the_heap_after_opening(tiny_folder: Callable[[str], Path], tiny_source: Callable[[str], Any],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    component = tiny_source("tiny-sd15").spec.components["vae_decoder"]
+    graph = tiny_folder("tiny-sd15") / "vae_decoder" / "model.onnx"
+    calls: list[int] = []
+    monkeypatch.setattr(ort_engine, "release_heap", lambda: calls.append(1) or True)
+    ort_engine.OrtEngine("vae_decoder", graph, component.inputs, component.outputs)
+    assert calls == [1]
+
+
+def resident_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            inside = len(head) == 6 and Path(head[5]) == path.resolve()
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.fixture
+def mapped(tmp_path: Path) -> Any:
+    """A 16 MiB file in its own folder, mapped and read through, so all its pages are resident."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    path = folder / "model.onnx.data"
+    data = bytes(range(256)) * (16 << 12)
+    path.write_bytes(data)
+    (tmp_path / "elsewhere.data").write_bytes(data)
+    with path.open("rb") as f, (tmp_path / "elsewhere.data").open("rb") as g:
+        view, other = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ), mmap.mmap(g.fileno(), 0, prot=mmap.PROT_READ)
+    assert view[:] == data and other[:] == data  # every page read
+    yield path, view, other, data
+    view.close()
+    other.close()
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc/self/maps and madvise are Linux's")
+def test_mapped_ranges_are_those_of_files_in_the_folder(mapped: Any) -> None:
+    path, view, _other, _data = mapped
+    ranges = memory.mapped_ranges(path.parent)
+    assert sum(end - start for start, end in ranges) == 16 << 20  # the file in the folder, not the one beside it
+    assert memory.mapped_ranges(path.parent / "absent") == []
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc/self/maps and madvise are Linux's")
+def test_page_out_drops_the_resident_pages_and_keeps_the_contents(mapped: Any) -> None:
+    path, view, other, data = mapped
+    other_path = path.parent.parent / "elsewhere.data"
+    assert resident_kib(path) >= 15 << 10
+    advised = memory.page_out(path.parent)
+    if advised == 0:
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
+    assert advised == 16 << 20
+    assert resident_kib(path) < 1 << 10  # under 1 MiB of 16 left resident
+    assert resident_kib(other_path) >= 15 << 10  # another folder's file is left alone
+    assert view[:] == data  # read again from the file, unchanged
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc/self/maps and madvise are Linux's")
+def test_page_out_context_pages_out_while_entered_and_stops_its_thread(mapped: Any) -> None:
+    path, view, _other, data = mapped
+    pages = memory.PageOut(path.parent, interval=0.01)
+    with pages, pages:  # re-entrant: one thread for both
+        assert [t.name for t in threading.enumerate()].count("sdexport-page-out") == 1
+        deadline = time.monotonic() + 5
+        while resident_kib(path) > 1 << 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert resident_kib(path) < 1 << 10
+        assert view[:] == data
+    assert "sdexport-page-out" not in [t.name for t in threading.enumerate()]
+    assert resident_kib(path) < 1 << 10  # paged out once more on the way out
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc/self/maps and madvise are Linux's")
+def test_openvino_engine_holds_no_pages_of_its_weight_file(tiny_folder: Callable[[str], Path],
+                                                           tiny_source: Callable[[str], Any]) -> None:
+    pytest.importorskip("openvino")
+    from sdexport.engines.openvino import OpenVinoEngine
+
+    component = tiny_source("tiny-sd15").spec.components["vae_decoder"]
+    graph = tiny_folder("tiny-sd15") / "vae_decoder" / "model.onnx"
+    data = graph.with_name("model.onnx.data")
+    engine = OpenVinoEngine("vae_decoder", graph, component.inputs, component.outputs)
+    if not memory.mapped_ranges(graph.parent):
+        pytest.fail("OpenVINO no longer maps the weight file: PageOut has nothing to do")
+    assert resident_kib(data) <= 8, resident_kib(data)  # the weights are read, copied, and their pages handed back
+    latent = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    first = engine.run({"latent": latent})
+    assert resident_kib(data) <= 8, resident_kib(data)  # a run with new shapes copies again, and hands back again
+    second = engine.run({"latent": latent})
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name])  # the weights read back from the file are the same
