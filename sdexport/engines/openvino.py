@@ -93,6 +93,7 @@ class OpenVinoEngine:
         self.outputs = outputs
         self.config = dict(config or compile_config())
         self.precision = "int8" if int8_weights else str(self.config["INFERENCE_PRECISION_HINT"])
+        self.on_cpu = True
         # OpenVINO maps the weight file and copies each weight while it compiles and on a run with new shapes;
         # the pages it read are handed back meanwhile (PageOut) rather than held beside the copies.
         self._pages = PageOut(self.graph.parent)

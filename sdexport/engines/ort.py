@@ -130,6 +130,7 @@ class OrtEngine:
         release_heap()
         self.providers = self.session.get_providers()
         self.dropped_providers = check_providers(self.requested, self.providers, self.graph)
+        self.on_cpu = self.providers == [CPU]
         self._output_names = [t.name for t in outputs]
         self.run_options = run_options(opts, self.providers)
 

@@ -175,7 +175,8 @@ class Pipeline:
         return getattr(self.engines["unet"], "array_device", None) or HOST
 
     def _runner(self, name: str, arrays: Arrays = HOST) -> EngineRunner:
-        return EngineRunner(self.engines[name], self.components[name].max_batch, arrays)
+        engine = self.engines[name]
+        return EngineRunner(engine, self.components[name].run_batch(engine), arrays)
 
     def __call__(
         self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
