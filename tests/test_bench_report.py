@@ -102,6 +102,21 @@ def test_latest_keeps_each_suites_newest_run() -> None:
     assert [r for r in kept if r["kind"] == "sgemm"] == [sg2]
 
 
+def test_a_later_run_of_another_batch_keeps_the_suites_other_cases() -> None:
+    batch1 = line("sdexport", 1.0, run="b1", time="2026-01-02T00:00:00+00:00")
+    batch4 = line("sdexport", 2.0, run="b4", time="2026-01-02T06:00:00+00:00")
+    batch4["case"] = {**batch4["case"], "batch": 4}
+    again = line("sdexport", 0.9, run="b4-again", time="2026-01-02T12:00:00+00:00")
+    again["case"] = {**again["case"], "batch": 4}
+    kept = latest([batch1, batch4, again])
+    assert batch1 in kept and again in kept and batch4 not in kept  # per case, the newest run
+    text = render(kept)
+    assert "run b1 on " in text and "run b4-again on " in text
+    stale = line("sdexport", 1.0, run="stale", time="2025-12-31T00:00:00+00:00")
+    stale["case"] = {**stale["case"], "steps": 20}
+    assert stale not in latest([stale, batch1, again])  # two days older than the suite's newest run: old code
+
+
 def test_rebase_uses_the_best_sgemm_ceiling() -> None:
     backends = {"numpy": {"status": "ok", "gflops": 90.0}, "torch": {"status": "skipped", "reason": "absent"}}
     slow = records.make_record("sgemm", "a", ENV, ceiling_gflops=100.0, ceiling_backend="numpy", backends=backends)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +14,34 @@ from harness.chart import render_png
 from harness.report import best_sgemm, render
 
 START, END = "<!-- bench:latest:start -->", "<!-- bench:latest:end -->"
+FRESH = timedelta(days=1)
+"""How far a case's newest run may lag its suite's newest run and still be shown."""
+
+
+def _case(line: Mapping[str, Any]) -> tuple[Any, ...]:
+    case = line.get("case", {})
+    return line["suite"], case.get("height"), case.get("width"), case.get("steps"), case.get("batch")
 
 
 def latest(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Of each suite, only its most recent run's lines (a suite run later replaces it whole, so ratios always
-    compare systems measured side by side); plus the best sgemm line and the flops lines of kept runs."""
-    newest_run: dict[str, tuple[str, str]] = {}
+    """Of each suite's case (size, steps, batch), only its most recent run's lines (a later run of that case
+    replaces it whole, so ratios always compare systems measured side by side), for the cases measured within
+    ``FRESH`` of the suite's newest run (older ones were measured by older code); plus the best sgemm line and the
+    flops lines of kept runs."""
+    newest_run: dict[tuple[Any, ...], tuple[str, str]] = {}
     for line in lines:
         if line["kind"] == "latency":
-            key = line["suite"]
+            key = _case(line)
             if key not in newest_run or line["time"] > newest_run[key][0]:
                 newest_run[key] = (line["time"], line["run_id"])
-    keep = {(suite, run) for suite, (_, run) in newest_run.items()}
-    out = [line for line in lines if line["kind"] in ("latency", "flops") and (line.get("suite"), line["run_id"])
-           in keep]
+    suite_newest: dict[str, datetime] = {}
+    for key, (time, _) in newest_run.items():
+        suite_newest[key[0]] = max(suite_newest.get(key[0], datetime.fromisoformat(time)), datetime.fromisoformat(time))
+    keep = {(key, run) for key, (time, run) in newest_run.items()
+            if suite_newest[key[0]] - datetime.fromisoformat(time) <= FRESH}
+    runs = {(key[0], run) for key, run in keep}
+    out = [line for line in lines if (line["kind"] == "latency" and (_case(line), line["run_id"]) in keep)
+           or (line["kind"] == "flops" and (line.get("suite"), line["run_id"]) in runs)]
     best = best_sgemm(lines)
     return ([best] if best else []) + out
 

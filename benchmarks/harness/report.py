@@ -161,7 +161,8 @@ def render(lines: Sequence[Mapping[str, Any]], chart: str | None = None) -> str:
     latency = [r for r in lines if r["kind"] == "latency"]
     if not latency:
         return "No latency results.\n"
-    out = ["### Environment", "", *environment_lines(latency[0]["env"])]
+    newest = max(latency, key=lambda r: r.get("time", ""))
+    out = ["### Environment (the newest run; each suite names its own CPU)", "", *environment_lines(newest["env"])]
     best = best_sgemm(lines)
     out += sgemm_lines(best) if best else []
     out += ["- fp32; prompt-conditioned with CFG (guidance 7.5); the same initial latents for every system", ""]
@@ -171,8 +172,10 @@ def render(lines: Sequence[Mapping[str, Any]], chart: str | None = None) -> str:
     for suite in dict.fromkeys(r["suite"] for r in latency):
         rows = sorted((r for r in latency if r["suite"] == suite), key=_order)
         first = rows[0]
+        runs = {r["run_id"]: (r["env"].get("cpu"), r["env"].get("load_average")) for r in rows}
+        where = "; ".join(f"run {run} on {cpu}, load average at its start {load}"
+                          for run, (cpu, load) in runs.items())
         out += [f"### {suite}", "", f"{first['case']['model']} ({first['case']['family']}), scheduler "
                 f"{first['case']['scheduler']}, {first['warmups']} warm-up + {first['repeats']} timed runs per "
-                f"case (median, interquartile range); run {first['run_id']}, load average at its start "
-                f"{first['env'].get('load_average')}", "", table(row(r) for r in rows), ""]
+                f"case (median, interquartile range); {where}", "", table(row(r) for r in rows), ""]
     return "\n".join(out)

@@ -42,8 +42,9 @@ class ComponentFiles:
         """The largest batch a CPU engine runs this component at (None: all it accepts): 1 for the VAE.
 
         The VAE's convolutions at image resolution gain nothing from a batch on a CPU and hold batch x the
-        activations; ONNX Runtime at SD 1.5 256 px, batch 4, decodes in 14.6 s at once against 7.2 s image by
-        image (benchmarks/README.md, "The VAE image by image").
+        activations. ONNX Runtime at SD 1.5 256 px, batch 4, with the pipeline loaded, decodes in 11.4-14.8 s at
+        once and 7.2-8.3 s image by image (benchmarks/README.md, "OpenVINO's mapped weights handed back; the VAE image
+        by image").
         """
         return 1 if self.name in VAE_COMPONENTS else None
 
