@@ -138,3 +138,39 @@ def test_openvino_engine_holds_no_pages_of_its_weight_file(tiny_folder: Callable
     second = engine.run({"latent": latent})
     for name in first:
         np.testing.assert_array_equal(first[name], second[name])  # the weights read back from the file are the same
+
+
+def test_openvino_engine_releases_its_intermediate_memory_unless_busy(tiny_folder: Callable[[str], Path],
+                                                                       tiny_source: Callable[[str], Any],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("openvino")
+    from sdexport.engines.openvino import OpenVinoEngine
+
+    component = tiny_source("tiny-sd15").spec.components["vae_decoder"]
+    engine = OpenVinoEngine("vae_decoder", tiny_folder("tiny-sd15") / "vae_decoder" / "model.onnx",
+                            component.inputs, component.outputs)
+    latent = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    before = engine.run({"latent": latent})
+    assert engine.release_memory() is True
+    after = engine.run({"latent": latent})  # the buffers come back on the next run, the numbers are the same
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+
+    class Busy:
+        def release_memory(self) -> None:
+            raise RuntimeError("Attempt to call release_memory() on a compiled model in a busy state")
+
+    monkeypatch.setattr(engine, "compiled", Busy())
+    assert engine.release_memory() is False  # another thread's run keeps its memory; no error reaches the caller
+
+
+def test_the_pipeline_releases_the_unets_memory_once_per_generation(tiny_pipe: Callable[[str], Any],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = tiny_pipe("tiny-sd15")
+    calls: list[str] = []
+    for name in ("unet", "vae_decoder", "text_encoder"):
+        monkeypatch.setattr(pipe.engines[name], "release_memory", lambda name=name: calls.append(name) or True,
+                            raising=False)
+    pipe("a red circle", num_inference_steps=3, seed=1, output_type="latent")
+    pipe("a red circle", num_inference_steps=2, seed=1, output_type="latent")
+    assert calls == ["unet", "unet"]

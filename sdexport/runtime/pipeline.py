@@ -174,6 +174,12 @@ class Pipeline:
         """Where the denoising loop's arrays live: the UNet engine's device arrays if it has any, else the host."""
         return getattr(self.engines["unet"], "array_device", None) or HOST
 
+    def _release(self, name: str) -> None:
+        """Let an engine free the working memory it keeps between runs (those that can: ``release_memory``)."""
+        release = getattr(self.engines[name], "release_memory", None)
+        if release is not None:
+            release()
+
     def _runner(self, name: str, arrays: Arrays = HOST) -> EngineRunner:
         engine = self.engines[name]
         return EngineRunner(engine, self.components[name].run_batch(engine), arrays)
@@ -284,6 +290,7 @@ class Pipeline:
                 loop = self._control_loop(control, request.cfg, len(plan), arrays)
                 latents = denoise(plan, start, cond, guidance, self._runner("unet", arrays), streams, timings,
                                   args.callback, arrays, loop)
+                self._release("unet")
             except Cancelled as stop:
                 timings.total = time.perf_counter() - t_start
                 partial = GenerationResult(arrays.get(stop.latents), request.seeds, timings, "latent", parameters,
