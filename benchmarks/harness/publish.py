@@ -28,17 +28,15 @@ def latest(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     replaces it whole, so ratios always compare systems measured side by side), for the cases measured within
     ``FRESH`` of the suite's newest run (older ones were measured by older code); plus the best sgemm line and the
     flops lines of kept runs."""
-    newest_run: dict[tuple[Any, ...], tuple[str, str]] = {}
+    newest_run: dict[tuple[Any, ...], tuple[datetime, str]] = {}
+    suite_newest: dict[str, datetime] = {}
     for line in lines:
         if line["kind"] == "latency":
-            key = _case(line)
-            if key not in newest_run or line["time"] > newest_run[key][0]:
-                newest_run[key] = (line["time"], line["run_id"])
-    suite_newest: dict[str, datetime] = {}
-    for key, (time, _) in newest_run.items():
-        suite_newest[key[0]] = max(suite_newest.get(key[0], datetime.fromisoformat(time)), datetime.fromisoformat(time))
-    keep = {(key, run) for key, (time, run) in newest_run.items()
-            if suite_newest[key[0]] - datetime.fromisoformat(time) <= FRESH}
+            key, time = _case(line), datetime.fromisoformat(line["time"])
+            if key not in newest_run or time > newest_run[key][0]:
+                newest_run[key] = (time, line["run_id"])
+            suite_newest[key[0]] = max(time, suite_newest.get(key[0], time))
+    keep = {(key, run) for key, (time, run) in newest_run.items() if suite_newest[key[0]] - time <= FRESH}
     runs = {(key[0], run) for key, run in keep}
     out = [line for line in lines if (line["kind"] == "latency" and (_case(line), line["run_id"]) in keep)
            or (line["kind"] == "flops" and (line.get("suite"), line["run_id"]) in runs)]
