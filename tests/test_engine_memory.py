@@ -164,8 +164,8 @@ def test_openvino_engine_releases_its_intermediate_memory_unless_busy(tiny_folde
     assert engine.release_memory() is False  # another thread's run keeps its memory; no error reaches the caller
 
 
-def test_the_pipeline_releases_the_unets_memory_once_per_generation(tiny_pipe: Callable[[str], Any],
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_pipeline_releases_the_unet_and_decoder_memory_once_per_generation(
+        tiny_pipe: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = tiny_pipe("tiny-sd15")
     calls: list[str] = []
     for name in ("unet", "vae_decoder", "text_encoder"):
@@ -173,4 +173,6 @@ def test_the_pipeline_releases_the_unets_memory_once_per_generation(tiny_pipe: C
                             raising=False)
     pipe("a red circle", num_inference_steps=3, seed=1, output_type="latent")
     pipe("a red circle", num_inference_steps=2, seed=1, output_type="latent")
-    assert calls == ["unet", "unet"]
+    assert calls == ["unet", "unet"]  # no decode, nothing else released
+    pipe("a red circle", num_inference_steps=2, seed=1, output_type="np")
+    assert calls == ["unet", "unet", "unet", "vae_decoder"]  # the decoder after it decoded; the text encoder never

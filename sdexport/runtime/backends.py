@@ -15,10 +15,9 @@ from sdexport.engines.arrays import HOST, Arrays
 from sdexport.engines.base import Engine
 from sdexport.errors import ArtifactError
 from sdexport.specs import ComponentSpec
+from sdexport.specs.families.base import VAE_COMPONENTS
 
 log = logging.getLogger(__name__)
-
-VAE_COMPONENTS = ("vae_encoder", "vae_decoder")
 
 
 @dataclass(frozen=True)

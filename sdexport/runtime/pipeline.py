@@ -302,6 +302,7 @@ class Pipeline:
                 t0 = time.perf_counter()
                 scaled = latents / float(np.float32(self.spec.scaling_factor))
                 decoded = arrays.get(self._runner("vae_decoder", arrays)({"latent": scaled})["image"])
+                self._release("vae_decoder")
                 if not np.isfinite(decoded).all():
                     raise NonFiniteError("vae_decoder")
                 images = postprocess(decoded, request.output_type)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sdexport.specs.families import Family, detect_family, family
+from sdexport.specs.families.base import VAE_COMPONENTS
 from sdexport.specs.ranges import TOKENS_PER_CHUNK
 
 COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder", "unet")
@@ -238,8 +239,8 @@ def _vae_components(info: Family, latent: int) -> dict[str, ComponentSpec]:
             tolerance_fp16=_VAE_TOL[1],
             fp16_by_default=name not in info.fp32_components,
         )
-        for name, inp, in_dims, out, out_dims in (("vae_encoder", "image", image, "moments", moments),
-                                                  ("vae_decoder", "latent", latents, "image", image))
+        for name, (inp, in_dims, out, out_dims) in zip(
+            VAE_COMPONENTS, (("image", image, "moments", moments), ("latent", latents, "image", image)), strict=True)
     }
 
 

@@ -10,6 +10,8 @@ from sdexport.specs.ranges import ShapeRanges
 
 TASKS = ("txt2img", "img2img", "inpaint")
 TIME_IDS = ("none", "size", "aesthetic")
+VAE_COMPONENTS = ("vae_encoder", "vae_decoder")
+"""The VAE's components: image -> latent moments, latent -> image."""
 """UNet added time ids: none (SD), original + crop + target size (SDXL), original + crop + aesthetic (refiner)."""
 CLIP_PAD = "<|endoftext|>"
 """The pad token of OpenAI CLIP tokenizers (SD 1.x, SDXL's first encoder); OpenCLIP ones pad with "!"."""

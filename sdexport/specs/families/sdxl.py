@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdexport.specs.families.base import CallDefaults, Detection, Family, TextEncoder
+from sdexport.specs.families.base import VAE_COMPONENTS, CallDefaults, Detection, Family, TextEncoder
 from sdexport.specs.ranges import ShapeRanges
 
 SDXL_CALL_DEFAULTS = {
@@ -11,7 +11,7 @@ SDXL_CALL_DEFAULTS = {
     "inpaint": CallDefaults(7.5, 0.9999),
 }
 SDXL_RANGES = ShapeRanges(batch=(1, 1, 4), height=(512, 1024, 1536), width=(512, 1024, 1536))
-SDXL_VAE_FP32 = frozenset({"vae_encoder", "vae_decoder"})
+SDXL_VAE_FP32 = frozenset(VAE_COMPONENTS)
 """The SDXL VAE overflows in fp16."""
 OPEN_CLIP_G = TextEncoder("text_encoder_2", clip_layer_offset=2, final_norm=False, pooled=True, pad_token="!")
 
