@@ -2,7 +2,7 @@
 
     python benchmarks/bench_latency.py                      # tiny presets (default; a few minutes at most)
     python benchmarks/bench_latency.py --sd15-256 --sd15-512 # full SD 1.5 architecture, random weights (slow)
-    python benchmarks/bench_latency.py --sdxl               # SDXL base at 512x512 (slow, ~15 GB to build)
+    python benchmarks/bench_latency.py --sdxl               # SDXL base at 512x512 and 768x768 (slow, ~17 GB to build)
 
 Appends JSON lines to benchmarks/results/latency.jsonl, then renders the latest run of every suite into
 benchmarks/results/latency.md, benchmarks/results/latency.png and the results section of benchmarks/README.md.
@@ -24,7 +24,7 @@ from harness.systems import SYSTEM_NAMES
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 REGENERATE = "python benchmarks/bench_latency.py --sd15-256 --sd15-512"
-OPT_IN = {"sd15_256": "sd15-256", "sd15_512": "sd15-512", "sdxl": "sdxl-512"}
+OPT_IN = {"sd15_256": ("sd15-256",), "sd15_512": ("sd15-512",), "sdxl": ("sdxl-512", "sdxl-768")}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -32,7 +32,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sd15-256", action="store_true", help="add the full SD 1.5 architecture at 256x256")
     ap.add_argument("--sd15-512", action="store_true", help="add the full SD 1.5 architecture at 512x512")
-    ap.add_argument("--sdxl", action="store_true", help="add SDXL base at 512x512")
+    ap.add_argument("--sdxl", action="store_true", help="add SDXL base at 512x512 and 768x768")
     ap.add_argument("--only", nargs="+", choices=sorted(SUITES), help="run exactly these suites")
     ap.add_argument("--systems", default=",".join(SYSTEM_NAMES), help="comma-separated systems")
     ap.add_argument("--steps", type=int, nargs="+", help="override every suite's steps")
@@ -49,7 +49,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     """Run the chosen suites, append their results and re-render the tables; returns the exit code."""
     args = parse(argv)
-    names = args.only or [*DEFAULT_SUITES, *(suite for flag, suite in OPT_IN.items() if getattr(args, flag))]
+    opted = [suite for flag, suites in OPT_IN.items() if getattr(args, flag) for suite in suites]
+    names = args.only or [*DEFAULT_SUITES, *opted]
     plans = []
     for name in names:
         suite = with_overrides(SUITES[name], tuple(args.steps or ()), tuple(args.batch or ()), args.warmups,

@@ -28,7 +28,7 @@ def test_arguments_and_defaults() -> None:
     args = parse("some/folder")
     assert args.steps == [4, 20] and args.batch == [1, 4] and args.repeats == 5
     assert args.systems == ["sdexport", "sdexport-openvino", "sdexport-openvino-bf16", "diffusers-eager",
-                            "diffusers-compile", "optimum-ort", "optimum-openvino"]
+                            "diffusers-eager-bf16", "diffusers-compile", "optimum-ort", "optimum-openvino"]
     assert parse("f", "--systems", "sdexport").systems == ["sdexport"]
     with pytest.raises(SystemExit):
         parse("f", "--systems", "tensorflow")

@@ -111,7 +111,7 @@ def test_a_later_run_of_another_batch_keeps_the_suites_other_cases() -> None:
     kept = latest([batch1, batch4, again])
     assert batch1 in kept and again in kept and batch4 not in kept  # per case, the newest run
     text = render(kept)
-    assert "run b1 on " in text and "run b4-again on " in text
+    assert "run b1, " in text and "run b4-again, " in text
     stale = line("sdexport", 1.0, run="stale", time="2025-12-31T00:00:00+00:00")
     stale["case"] = {**stale["case"], "steps": 20}
     assert stale not in latest([stale, batch1, again])  # two days older than the suite's newest run: old code
@@ -143,3 +143,22 @@ def test_replace_section_and_publish(tmp_path: Path) -> None:
     assert body.startswith("# Bench") and body.rstrip().endswith("footer")
     assert "Regenerate with `python bench.py`" in body and "](latency.png)" in body
     assert (tmp_path / "latency.png").exists() and "| sdexport |" in (tmp_path / "latency.md").read_text()
+
+
+def test_each_machine_keeps_its_own_cases_and_ceiling() -> None:
+    amx = {**ENV, "cpu": "cpu b", "cpu_flags": ["avx2", "amx_bf16"]}
+    here = line("sdexport", 1.0, run="a", time="2026-01-02T00:00:00+00:00", unet_gflops_per_s=50.0)
+    there = line("sdexport", 0.5, run="b", time="2026-01-02T06:00:00+00:00", unet_gflops_per_s=50.0)
+    there["env"] = amx
+    ceiling_a = dict(records.make_record("sgemm", "a", ENV, ceiling_gflops=100.0, ceiling_backend="numpy",
+                                         backends={}), time="2026-01-02T00:00:00+00:00")
+    ceiling_b = dict(records.make_record("sgemm", "b", amx, ceiling_gflops=200.0, ceiling_backend="numpy",
+                                         backends={}), time="2026-01-02T06:00:00+00:00")
+    kept = latest([here, there, ceiling_a, ceiling_b])
+    assert here in kept and there in kept  # the same case on another CPU does not replace it
+    assert ceiling_a in kept and ceiling_b in kept
+    pct = {r["run_id"]: r["metrics"]["unet_pct_of_sgemm"] for r in rebase(kept) if r["kind"] == "latency"}
+    assert pct == {"a": pytest.approx(0.5), "b": pytest.approx(0.25)}  # each against its own machine's ceiling
+    text = render(kept)
+    assert text.index("on **cpu b (avx2, amx_bf16)**") < text.index("on **test cpu (avx2)**")  # newest first
+    assert len({label for label, _ in bars(kept)}) == 2

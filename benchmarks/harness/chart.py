@@ -8,12 +8,13 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from harness.report import case_label
+from harness.report import case_label, machine
 from harness.systems import EAGER, SYSTEM_NAMES
 
 COLORS = {"sdexport": (31, 119, 180), "diffusers-eager": (150, 150, 150), "diffusers-compile": (255, 127, 14),
           "optimum-ort": (44, 160, 44), "optimum-openvino": (148, 103, 189),
-          "sdexport-openvino": (23, 190, 207), "sdexport-openvino-bf16": (188, 189, 34)}
+          "sdexport-openvino": (23, 190, 207), "sdexport-openvino-bf16": (188, 189, 34),
+          "diffusers-eager-bf16": (227, 119, 194)}
 WIDTH, LEFT, RIGHT, BAR, GAP, TOP = 1100, 330, 60, 14, 12, 70
 
 
@@ -21,8 +22,11 @@ def bars(lines: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[tuple[str, 
     """Per case (in order): its label and (system, ratio to eager or None, text) for each system."""
     latency = [r for r in lines if r["kind"] == "latency"]
     groups: dict[str, dict[str, Mapping[str, Any]]] = {}
+    several = len({machine(r) for r in latency}) > 1
     for r in latency:
         label = f"{r['case']['model']} {case_label(r['case'])}"
+        amx = " with AMX" if "amx_bf16" in (r["env"].get("cpu_flags") or []) else ""
+        label += f" on {r['env'].get('cpu')}{amx}" if several else ""
         groups.setdefault(label, {})[r["system"]] = r
     out = []
     for label, by_system in groups.items():

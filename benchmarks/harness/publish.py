@@ -11,7 +11,7 @@ from typing import Any
 
 from harness import records
 from harness.chart import render_png
-from harness.report import best_sgemm, render
+from harness.report import best_sgemm, machine, render
 
 START, END = "<!-- bench:latest:start -->", "<!-- bench:latest:end -->"
 FRESH = timedelta(days=1)
@@ -20,14 +20,14 @@ FRESH = timedelta(days=1)
 
 def _case(line: Mapping[str, Any]) -> tuple[Any, ...]:
     case = line.get("case", {})
-    return line["suite"], case.get("height"), case.get("width"), case.get("steps"), case.get("batch")
+    return line["suite"], case.get("height"), case.get("width"), case.get("steps"), case.get("batch"), machine(line)
 
 
 def latest(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Of each suite's case (size, steps, batch), only its most recent run's lines (a later run of that case
-    replaces it whole, so ratios always compare systems measured side by side), for the cases measured within
-    ``FRESH`` of the suite's newest run (older ones were measured by older code); plus the best sgemm line and the
-    flops lines of kept runs."""
+    """Of each suite's case (size, steps, batch) on each machine, only its most recent run's lines (a later run of
+    that case there replaces it whole, so ratios always compare systems measured side by side), for the cases
+    measured within ``FRESH`` of the suite's newest run (older ones were measured by older code); plus each kept
+    machine's best sgemm line and the flops lines of kept runs."""
     newest_run: dict[tuple[Any, ...], tuple[datetime, str]] = {}
     suite_newest: dict[str, datetime] = {}
     for line in lines:
@@ -40,8 +40,8 @@ def latest(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     runs = {(key[0], run) for key, run in keep}
     out = [line for line in lines if (line["kind"] == "latency" and (_case(line), line["run_id"]) in keep)
            or (line["kind"] == "flops" and (line.get("suite"), line["run_id"]) in runs)]
-    best = best_sgemm(lines)
-    return ([best] if best else []) + out
+    ceilings = [best_sgemm(lines, cpu) for cpu in dict.fromkeys(machine(line) for line in out)]
+    return [best for best in ceilings if best] + out
 
 
 def replace_section(text: str, body: str) -> str:

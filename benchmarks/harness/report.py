@@ -135,47 +135,63 @@ def sgemm_lines(record: Mapping[str, Any]) -> list[str]:
             f"- numpy BLAS: {kernel}; OpenBLAS pins unset: {unset}"]
 
 
-def best_sgemm(lines: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The sgemm line with the highest ceiling: other work on the machine only ever lowers measured GFLOP/s."""
-    measured = [r for r in lines if r["kind"] == "sgemm" and r.get("ceiling_gflops")]
+def machine(line: Mapping[str, Any]) -> str:
+    """The CPU a line was measured on, name and instruction-set flags: ceilings and ratios hold per machine."""
+    env = line.get("env", {})
+    return f"{env.get('cpu')} ({', '.join(env.get('cpu_flags') or [])})"
+
+
+def best_sgemm(lines: Sequence[Mapping[str, Any]], on: str | None = None) -> Mapping[str, Any] | None:
+    """The sgemm line with the highest ceiling (of machine ``on`` if given): other work on the machine only ever
+    lowers measured GFLOP/s."""
+    measured = [r for r in lines if r["kind"] == "sgemm" and r.get("ceiling_gflops")
+                and (on is None or machine(r) == on)]
     return max(measured, key=lambda r: r["ceiling_gflops"]) if measured else None
 
 
 def rebase(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """``lines`` with every UNet's % of sgemm recomputed against the best ceiling among them."""
-    best = best_sgemm(lines)
-    if best is None:
-        return list(lines)
+    """``lines`` with every UNet's % of sgemm recomputed against the best ceiling measured on its own machine."""
+    ceilings = {machine(r): best_sgemm(lines, machine(r)) for r in lines if r["kind"] == "sgemm"}
     out: list[Mapping[str, Any]] = []
     for r in lines:
         achieved = r.get("metrics", {}).get("unet_gflops_per_s") if r["kind"] == "latency" else None
-        if achieved:
+        best = ceilings.get(machine(r))
+        if achieved and best:
             r = {**r, "metrics": {**r["metrics"], "unet_pct_of_sgemm": achieved / best["ceiling_gflops"]}}
         out.append(r)
     return out
 
 
+def suite_lines(suite: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One suite's section: a table per machine it was measured on (newest machine first), naming the runs."""
+    machines = list(dict.fromkeys(machine(r) for r in sorted(rows, key=lambda r: r.get("time", ""), reverse=True)))
+    out = [f"### {suite}", ""]
+    for cpu in machines:
+        part = sorted((r for r in rows if machine(r) == cpu), key=_order)
+        first = part[0]
+        runs = {r["run_id"]: r["env"].get("load_average") for r in part}
+        where = "; ".join(f"run {run}, load average at its start {load}" for run, load in runs.items())
+        out += [f"{first['case']['model']} ({first['case']['family']}) on **{cpu}**, scheduler "
+                f"{first['case']['scheduler']}, {first['warmups']} warm-up + {first['repeats']} timed runs per "
+                f"case (median, interquartile range); {where}", "", table(row(r) for r in part), ""]
+    return out
+
+
 def render(lines: Sequence[Mapping[str, Any]], chart: str | None = None) -> str:
-    """The markdown report of ``lines`` (UNet throughput against the best sgemm ceiling among them)."""
+    """The markdown report of ``lines`` (UNet throughput against the best sgemm ceiling of its machine)."""
     lines = rebase(lines)
     latency = [r for r in lines if r["kind"] == "latency"]
     if not latency:
         return "No latency results.\n"
     newest = max(latency, key=lambda r: r.get("time", ""))
     out = ["### Environment (the newest run; each suite names its own CPU)", "", *environment_lines(newest["env"])]
-    best = best_sgemm(lines)
-    out += sgemm_lines(best) if best else []
+    for cpu in dict.fromkeys(machine(r) for r in sorted(latency, key=lambda r: r.get("time", ""), reverse=True)):
+        best = best_sgemm(lines, cpu)
+        out += ([f"- on {cpu}:"] + [f"  {text}" for text in sgemm_lines(best)]) if best else []
     out += ["- fp32; prompt-conditioned with CFG (guidance 7.5); the same initial latents for every system", ""]
     if chart:
         out += [f"![end-to-end latency relative to diffusers eager]({chart})", ""]
     out += ["### Goals (our runtime's worst case)", "", *[g.line() for g in goals(lines)], ""]
     for suite in dict.fromkeys(r["suite"] for r in latency):
-        rows = sorted((r for r in latency if r["suite"] == suite), key=_order)
-        first = rows[0]
-        runs = {r["run_id"]: (r["env"].get("cpu"), r["env"].get("load_average")) for r in rows}
-        where = "; ".join(f"run {run} on {cpu}, load average at its start {load}"
-                          for run, (cpu, load) in runs.items())
-        out += [f"### {suite}", "", f"{first['case']['model']} ({first['case']['family']}), scheduler "
-                f"{first['case']['scheduler']}, {first['warmups']} warm-up + {first['repeats']} timed runs per "
-                f"case (median, interquartile range); {where}", "", table(row(r) for r in rows), ""]
+        out += suite_lines(suite, [r for r in latency if r["suite"] == suite])
     return "\n".join(out)

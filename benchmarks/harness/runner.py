@@ -23,13 +23,13 @@ from harness.cases import Case, Suite
 from harness.models import Folders
 from harness.records import make_record
 from harness.stats import ratio
-from harness.systems import EAGER, OPTIMUM, OPTIMUM_OV, OURS
+from harness.systems import EAGER, EAGER_BF16, OPTIMUM, OPTIMUM_OV, OURS
 from harness.worker import PREFIX
 
 log = logging.getLogger(__name__)
 
 NOMINAL_BACKEND = {OURS: "onnxruntime", "sdexport-openvino": "openvino", "sdexport-openvino-bf16": "openvino",
-                   EAGER: "torch-eager", "diffusers-compile": "torch-inductor",
+                   EAGER: "torch-eager", EAGER_BF16: "torch-eager", "diffusers-compile": "torch-inductor",
                    OPTIMUM: "onnxruntime (optimum)", OPTIMUM_OV: "openvino (optimum-intel)"}
 
 

@@ -12,16 +12,17 @@ from harness.timing import RunTiming
 
 OURS = "sdexport"
 EAGER = "diffusers-eager"
+EAGER_BF16 = "diffusers-eager-bf16"
 COMPILE = "diffusers-compile"
 OPTIMUM = "optimum-ort"
 OPTIMUM_OV = "optimum-openvino"
 OURS_BACKENDS = {OURS: ("onnxruntime", {}), "sdexport-openvino": ("openvino", {"precision": "f32"}),
                  "sdexport-openvino-bf16": ("openvino", {"precision": "bf16"})}
 """Our runtime as systems: name -> (backend, engine options). The default is ONNX Runtime at fp32."""
-SYSTEM_NAMES = (*OURS_BACKENDS, EAGER, COMPILE, OPTIMUM, OPTIMUM_OV)
+SYSTEM_NAMES = (*OURS_BACKENDS, EAGER, EAGER_BF16, COMPILE, OPTIMUM, OPTIMUM_OV)
 VENV_SYSTEMS = {OPTIMUM: "harness.systems.optimum", OPTIMUM_OV: "harness.systems.optimum_intel"}
 """Peers that run in a virtual environment of their own -> the module that exports their folder."""
-TORCH_SYSTEMS = (EAGER, COMPILE)
+TORCH_SYSTEMS = (EAGER, EAGER_BF16, COMPILE)
 """Systems that need torch and diffusers in the benchmarking interpreter."""
 
 
@@ -48,7 +49,7 @@ def open_runner(system: str, paths: Mapping[str, str], options: Mapping[str, Any
     if system in TORCH_SYSTEMS:
         from harness.systems.torch_peers import load_diffusers
 
-        return load_diffusers(paths["diffusers"], compile_unet=system == COMPILE)
+        return load_diffusers(paths["diffusers"], compile_unet=system == COMPILE, bf16=system == EAGER_BF16)
     if system == OPTIMUM:
         from harness.systems.optimum import load_optimum
 

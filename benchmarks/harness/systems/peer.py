@@ -16,8 +16,9 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 class PeerRunner:
     """Times a diffusers-style pipeline's stages by standing proxies in for its text encoders, UNet and VAE."""
 
-    def __init__(self, pipe: Any, backend: str, precision: str = "fp32") -> None:
+    def __init__(self, pipe: Any, backend: str, precision: str = "fp32", latent_dtype: Any = None) -> None:
         self.pipe = pipe
+        self.latent_dtype = latent_dtype  # a torch dtype the shared float32 latents are cast to (None: as they are)
         self.backend = backend
         self.precision = precision
         self.clock = StageClock()
@@ -34,11 +35,13 @@ class PeerRunner:
         """One generation with the shared latents (as a torch tensor); images as float32 NHWC in [0, 1]."""
         import torch
 
+        start = torch.from_numpy(latents.copy())
+        start = start if self.latent_dtype is None else start.to(self.latent_dtype)
         with torch.inference_mode():
             t0 = time.perf_counter()
             out = self.pipe(case.prompt, height=case.height, width=case.width, num_inference_steps=case.steps,
                             guidance_scale=case.guidance_scale, num_images_per_prompt=case.batch,
-                            latents=torch.from_numpy(latents.copy()), output_type="np")
+                            latents=start, output_type="np")
             total = time.perf_counter() - t0
         return self.clock.take(total), np.asarray(out.images, dtype=np.float32)
 
