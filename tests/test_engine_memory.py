@@ -164,6 +164,20 @@ def test_openvino_engine_releases_its_intermediate_memory_unless_busy(tiny_folde
     assert engine.release_memory() is False  # another thread's run keeps its memory; no error reaches the caller
 
 
+def test_openvino_keep_memory_option_keeps_the_intermediate_tensors(tiny_folder: Callable[[str], Path]) -> None:
+    pytest.importorskip("openvino")
+    from sdexport import Pipeline
+
+    pipe = Pipeline.load(tiny_folder("tiny-sd15"), backend="openvino", engine_options={"keep_memory": True})
+    released: list[str] = []
+    for name, engine in pipe.engines.items():
+        assert engine.keep_memory is True
+        engine.compiled = type("Spy", (), {"release_memory": lambda self, name=name: released.append(name)})()
+    assert pipe.engines["unet"].release_memory() is False and released == []
+    default = Pipeline.load(tiny_folder("tiny-sd15"), backend="openvino")
+    assert all(engine.keep_memory is False for engine in default.engines.values())
+
+
 def test_the_pipeline_releases_the_unet_and_decoder_memory_once_per_generation(
         tiny_pipe: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = tiny_pipe("tiny-sd15")

@@ -16,7 +16,8 @@ class Engine(Protocol):
     ``sdexport.engines.arrays.Arrays``): given arrays of that library it returns arrays of it, on the device.
     An engine that computes on the CPU says so with ``on_cpu = True``; the runtime then runs the VAE one image
     per call (``ComponentFiles.cpu_batch``). An engine that keeps working memory between runs may offer
-    ``release_memory()``; the runtime calls it on the UNet when the denoising loop ends.
+    ``release_memory()``; the runtime calls it on the UNet when the denoising loop ends and on the VAE decoder after
+    it decoded.
     """
 
     name: str
