@@ -162,3 +162,18 @@ def test_each_machine_keeps_its_own_cases_and_ceiling() -> None:
     text = render(kept)
     assert text.index("on **cpu b (avx2, amx_bf16)**") < text.index("on **test cpu (avx2)**")  # newest first
     assert len({label for label, _ in bars(kept)}) == 2
+
+
+def test_a_run_without_sgemm_reuses_the_ceiling_of_its_own_machine(tmp_path: Path) -> None:
+    from harness.session import previous_ceiling
+
+    history = tmp_path / "latency.jsonl"
+    assert previous_ceiling(history, ENV) is None  # no history yet
+    other = {**ENV, "cpu": "other cpu"}
+    records.append(history, [dict(records.make_record("sgemm", "a", ENV, ceiling_gflops=100.0, ceiling_backend="numpy",
+                                                      backends={}), time="2026-01-01T00:00:00+00:00"),
+                             dict(records.make_record("sgemm", "b", other, ceiling_gflops=400.0,
+                                                      ceiling_backend="numpy", backends={}),
+                                  time="2026-01-02T00:00:00+00:00")])
+    assert previous_ceiling(history, ENV) == 100.0  # not the newer line of another CPU
+    assert previous_ceiling(history, {**ENV, "cpu_flags": ["avx2", "amx_bf16"]}) is None

@@ -22,6 +22,7 @@ from harness.optimum_env import (
     export_folder,
     venv_environ,
 )
+from harness.report import machine
 from harness.runner import Context, run_suite
 from harness.sgemm import measure_ceiling
 from harness.systems import COMPILE, OPTIMUM, OURS_BACKENDS, SYSTEM_NAMES, TORCH_SYSTEMS, VENV_SYSTEMS
@@ -71,6 +72,13 @@ def prepare(suite: Suite, folders: Folders, ctx: Context, venv_root: Path) -> No
             ctx.unavailable[system] = str(exc)
 
 
+def previous_ceiling(history: Path, env: dict[str, Any]) -> float | None:
+    """The latest sgemm ceiling ``history`` recorded on the machine ``env`` describes (None: none there)."""
+    here = machine({"env": env})
+    previous = [r for r in records.read(history, kind="sgemm") if machine(r) == here] if Path(history).exists() else []
+    return max(previous, key=lambda r: r["time"])["ceiling_gflops"] if previous else None
+
+
 def run(plans: Sequence[tuple[Suite, Folders]], systems: Sequence[str], out: Path, sgemm: bool = True,
         timeout: float = 3600.0, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Measure ``plans`` with ``systems`` and append every result line to ``out``; returns the lines."""
@@ -83,10 +91,8 @@ def run(plans: Sequence[tuple[Suite, Folders]], systems: Sequence[str], out: Pat
         ctx.sgemm_gflops = result["ceiling_gflops"]
         lines.append(records.make_record("sgemm", ctx.run_id, ctx.env, **result))
         records.append(out, lines[-1:])
-    elif Path(out).exists():  # reuse the latest recorded ceiling of this machine
-        previous = records.read(out, kind="sgemm")
-        if previous:
-            ctx.sgemm_gflops = max(previous, key=lambda r: r["time"])["ceiling_gflops"]
+    else:
+        ctx.sgemm_gflops = previous_ceiling(out, ctx.env)
     for suite, folders in plans:
         prepare(suite, folders, ctx, cache_root())
         suite_lines = run_suite(suite, folders, ctx)
