@@ -11,7 +11,7 @@ from typing import Any
 
 from harness import records
 from harness.chart import render_png
-from harness.report import best_sgemm, machine, render
+from harness.report import best_sgemm, machine, machines, render
 
 START, END = "<!-- bench:latest:start -->", "<!-- bench:latest:end -->"
 FRESH = timedelta(days=1)
@@ -40,7 +40,7 @@ def latest(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     runs = {(key[0], run) for key, run in keep}
     out = [line for line in lines if (line["kind"] == "latency" and (_case(line), line["run_id"]) in keep)
            or (line["kind"] == "flops" and (line.get("suite"), line["run_id"]) in runs)]
-    ceilings = [best_sgemm(lines, cpu) for cpu in dict.fromkeys(machine(line) for line in out)]
+    ceilings = [best_sgemm(lines, cpu) for cpu in machines(out)]
     return [best for best in ceilings if best] + out
 
 

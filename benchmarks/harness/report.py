@@ -141,6 +141,11 @@ def machine(line: Mapping[str, Any]) -> str:
     return f"{env.get('cpu')} ({', '.join(env.get('cpu_flags') or [])})"
 
 
+def machines(lines: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The machines ``lines`` were measured on, the one of the newest line first."""
+    return list(dict.fromkeys(machine(r) for r in sorted(lines, key=lambda r: r.get("time", ""), reverse=True)))
+
+
 def best_sgemm(lines: Sequence[Mapping[str, Any]], on: str | None = None) -> Mapping[str, Any] | None:
     """The sgemm line with the highest ceiling (of machine ``on`` if given): other work on the machine only ever
     lowers measured GFLOP/s."""
@@ -151,7 +156,7 @@ def best_sgemm(lines: Sequence[Mapping[str, Any]], on: str | None = None) -> Map
 
 def rebase(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """``lines`` with every UNet's % of sgemm recomputed against the best ceiling measured on its own machine."""
-    ceilings = {machine(r): best_sgemm(lines, machine(r)) for r in lines if r["kind"] == "sgemm"}
+    ceilings = {cpu: best_sgemm(lines, cpu) for cpu in machines([r for r in lines if r["kind"] == "sgemm"])}
     out: list[Mapping[str, Any]] = []
     for r in lines:
         achieved = r.get("metrics", {}).get("unet_gflops_per_s") if r["kind"] == "latency" else None
@@ -164,9 +169,8 @@ def rebase(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 def suite_lines(suite: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """One suite's section: a table per machine it was measured on (newest machine first), naming the runs."""
-    machines = list(dict.fromkeys(machine(r) for r in sorted(rows, key=lambda r: r.get("time", ""), reverse=True)))
     out = [f"### {suite}", ""]
-    for cpu in machines:
+    for cpu in machines(rows):
         part = sorted((r for r in rows if machine(r) == cpu), key=_order)
         first = part[0]
         runs = {r["run_id"]: r["env"].get("load_average") for r in part}
@@ -185,7 +189,7 @@ def render(lines: Sequence[Mapping[str, Any]], chart: str | None = None) -> str:
         return "No latency results.\n"
     newest = max(latency, key=lambda r: r.get("time", ""))
     out = ["### Environment (the newest run; each suite names its own CPU)", "", *environment_lines(newest["env"])]
-    for cpu in dict.fromkeys(machine(r) for r in sorted(latency, key=lambda r: r.get("time", ""), reverse=True)):
+    for cpu in machines(latency):
         best = best_sgemm(lines, cpu)
         out += ([f"- on {cpu}:"] + [f"  {text}" for text in sgemm_lines(best)]) if best else []
     out += ["- fp32; prompt-conditioned with CFG (guidance 7.5); the same initial latents for every system", ""]
