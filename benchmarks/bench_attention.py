@@ -6,7 +6,8 @@
 
 Variants: the folder's portable graph or its fused graph (attention as MultiHeadAttention) x the CPU memory arena
 (off, on, on with kSameAsRequested growth, on with shrinkage after every run), and the diffusers module in torch
-eager; and OpenVINO on the portable graph at f32, bf16 and int8 weights. Every variant runs in its own process
+eager; and OpenVINO on the portable graph at f32, bf16 and int8 weights and on the fused graph at f32 and bf16
+(there OpenVINO reads MultiHeadAttention as ScaledDotProductAttention). Every variant runs in its own process
 (so its peak RSS is its own: load + calls), round after round in turn.
 Appends JSON lines to benchmarks/results/attention.jsonl and prints a markdown table.
 """
@@ -32,13 +33,15 @@ from harness.models import ensure_compiled, ensure_diffusers, folders_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (graph, arena): graph "portable" | "fused"; arena "off" | "on" | "same" (kSameAsRequested) | "shrink";
-# or ("openvino", precision): the portable graph on OpenVINO at that precision (int8: nncf-compressed weights)
+# or ("openvino" | "openvino-fused", precision): the portable or the fused graph on OpenVINO at that precision
+# (int8: nncf-compressed weights)
 VARIANTS = {
     "portable, arena off": ("portable", "off"), "portable, arena on": ("portable", "on"),
     "fused, arena off": ("fused", "off"), "fused, arena on": ("fused", "on"),
     "fused, arena kSameAsRequested": ("fused", "same"), "fused, arena shrink per run": ("fused", "shrink"),
     "openvino f32": ("openvino", "f32"), "openvino bf16": ("openvino", "bf16"),
     "openvino int8": ("openvino", "int8"),
+    "openvino f32, fused": ("openvino-fused", "f32"), "openvino bf16, fused": ("openvino-fused", "bf16"),
     "diffusers torch eager": ("torch", ""),
 }
 
@@ -68,12 +71,14 @@ def _ort_runner(folder: Path, component: Any, graph: str, arena: str) -> Any:
     return call
 
 
-def _openvino_runner(folder: Path, component: Any, precision: str) -> Any:
-    """A callable running the component's portable graph on OpenVINO at ``precision``."""
+def _openvino_runner(folder: Path, component: Any, precision: str, fused: bool) -> Any:
+    """A callable running the component's portable or fused graph on OpenVINO at ``precision``."""
+    from sdexport.engines.artifacts import FUSED_GRAPH
     from sdexport.engines.openvino import OpenVinoEngine, compile_config
 
-    engine = OpenVinoEngine(component.name, folder / component.name / "model.onnx", component.inputs,
-                            component.outputs, compile_config(precision), int8_weights=precision == "int8")
+    graph = folder / component.name / (FUSED_GRAPH if fused else "model.onnx")
+    engine = OpenVinoEngine(component.name, graph, component.inputs, component.outputs, compile_config(precision),
+                            int8_weights=precision == "int8")
     name = component.outputs[0].name
     return lambda feeds: engine.run(feeds)[name]
 
@@ -111,8 +116,8 @@ def worker(args: argparse.Namespace) -> int:
     graph, arena = VARIANTS[args.worker]
     if graph == "torch":
         call = _torch_runner(args.diffusers, spec, component)
-    elif graph == "openvino":
-        call = _openvino_runner(args.folder, component, arena)
+    elif graph.startswith("openvino"):
+        call = _openvino_runner(args.folder, component, arena, fused=graph == "openvino-fused")
     else:
         call = _ort_runner(args.folder, component, graph, arena)
     load_s = time.perf_counter() - t0

@@ -16,7 +16,8 @@ import torch
 from onnx import TensorProto, helper
 from torch.nn import functional
 
-from sdexport.engines.ort import FUSED_GRAPH, OrtEngine, session_options
+from sdexport.engines.artifacts import FUSED_GRAPH
+from sdexport.engines.ort import OrtEngine, session_options
 from sdexport.export.attention import constant_scale_attention
 from sdexport.export.fused_attention import find_attention, fuse_attention
 from sdexport.export.onnx import dummy_inputs, torch_outputs, validation_envs

@@ -153,7 +153,7 @@ def component_graph(folder: Path, component: str = "unet") -> Path:
 def count_unet(folder: Path, batch: int, height: int, width: int) -> dict[str, Any]:
     """FLOPs of one UNet evaluation (with CFG: 2 x batch rows, counted on the portable graph) and the kernel-time
     shares by op of the graph the runtime serves (the fused one when the folder has it)."""
-    from sdexport.engines.ort import fused_graph
+    from sdexport.engines.artifacts import fused_graph
 
     graph, feeds = component_graph(folder), unet_feeds(folder, batch, height, width)
     counted = profile_graph(graph, feeds, level="basic")

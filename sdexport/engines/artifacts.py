@@ -5,6 +5,7 @@ Layout of a folder::
     manifest.json                       written LAST; a folder without it is an unfinished build
     <component>/model.onnx              one graph per component (text_encoder, text_encoder_2, unet, vae_*)
     <component>/model.onnx.data         its weights, page-aligned (one file per graph; fused siblings share it)
+    <component>/model.ort.onnx          the fused sibling: attention as com.microsoft.MultiHeadAttention
     tokenizer/, tokenizer_2/            CLIP tokenizer files (vocab.json, merges.txt, configs)
     scheduler/scheduler_config.json     the source's scheduler config
     .build/<component>.json             per-component records of an unfinished build (resume points)
@@ -36,6 +37,12 @@ LOCK = ".lock"
 BUILD_DIR = ".build"
 DEFAULT_SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 SPECIAL_TOKENS = "special_tokens_map.json"
+# Written by the build beside a component's portable graph when it has attention to fuse (export.fused_attention):
+# the same weights under the same names, attention as com.microsoft.MultiHeadAttention, which ONNX Runtime's CPU
+# kernel runs without materialising the score matrix. OpenVINO reads it too (as ScaledDotProductAttention) but runs
+# the portable graph as fast, its own attention fusion being as good (benchmarks/README.md); TensorRT takes the
+# portable graph.
+FUSED_GRAPH = "model.ort.onnx"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", SPECIAL_TOKENS)
 """What the runtime's tokenizer opens in a tokenizer folder (the special tokens map only when present)."""
 
@@ -239,3 +246,9 @@ def describe(folder: Path, manifest: dict[str, Any]) -> str:
         lines.append(f"  {name:<15} {precision}  {size / 2**20:9.1f} MiB  validated, max |diff| {worst:.2e}")
     lines.append(f"  total      {total / 2**20:.1f} MiB of graphs")
     return "\n".join(lines)
+
+
+def fused_graph(graph: Path) -> Path:
+    """The graph ONNX Runtime opens for a component's portable ``graph``: its fused sibling when there is one."""
+    fused = Path(graph).with_name(FUSED_GRAPH)
+    return fused if fused != Path(graph) and fused.is_file() else Path(graph)

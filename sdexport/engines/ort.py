@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
+from sdexport.engines.artifacts import fused_graph
 from sdexport.engines.memory import release_heap
 from sdexport.engines.registry import Backend, BackendStatus, Option, register_backend
 from sdexport.errors import ArtifactError
@@ -23,9 +24,6 @@ from sdexport.specs import TensorSpec
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
-# Written by the build beside a component's portable graph when it has attention to fuse (export.fused_attention):
-# the same weights under the same names, attention as com.microsoft.MultiHeadAttention. ONNX Runtime only.
-FUSED_GRAPH = "model.ort.onnx"
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -58,12 +56,6 @@ def run_options(options: ort.SessionOptions, providers: Sequence[str]) -> ort.Ru
     if options.enable_cpu_mem_arena and CPU in providers:
         run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return run
-
-
-def fused_graph(graph: Path) -> Path:
-    """The ONNX Runtime graph to open for a component's portable ``graph``: its fused sibling when there is one."""
-    fused = Path(graph).with_name(FUSED_GRAPH)
-    return fused if fused != Path(graph) and fused.is_file() else Path(graph)
 
 
 def provider_names(providers: Sequence[Any]) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from sdexport.engines import artifacts
-from sdexport.engines.ort import FUSED_GRAPH
+from sdexport.engines.artifacts import FUSED_GRAPH
 from sdexport.export import optimize
 from sdexport.export.attention import CONSTANT_SCALE_COMPONENTS, constant_scale_attention
 from sdexport.export.fused_attention import write_fused_graph
