@@ -190,3 +190,21 @@ def test_the_pipeline_releases_the_unet_and_decoder_memory_once_per_generation(
     assert calls == ["unet", "unet"]  # no decode, nothing else released
     pipe("a red circle", num_inference_steps=2, seed=1, output_type="np")
     assert calls == ["unet", "unet", "unet", "vae_decoder"]  # the decoder after it decoded; the text encoder never
+
+
+def test_onnxruntime_opens_the_vae_without_the_memory_arena_unless_asked(tiny_folder: Callable[[str], Path]) -> None:
+    from sdexport.runtime.pipeline import Pipeline
+
+    folder = tiny_folder("tiny-sd15")
+    arenas = {name: engine.options.enable_cpu_mem_arena for name, engine in Pipeline.load(folder).engines.items()}
+    assert arenas == {"text_encoder": True, "unet": True, "vae_decoder": False, "vae_encoder": False}
+    engines = Pipeline.load(folder).engines
+    shrink = "memory.enable_memory_arena_shrinkage"
+    assert engines["unet"].run_options.get_run_config_entry(shrink) == "cpu:0"
+    with pytest.raises(RuntimeError, match=shrink):  # no arena, nothing to shrink after a run
+        engines["vae_decoder"].run_options.get_run_config_entry(shrink)
+    for arena, expected in (("on", True), ("off", False)):
+        pipe = Pipeline.load(folder, engine_options={"arena": arena})
+        assert {e.options.enable_cpu_mem_arena for e in pipe.engines.values()} == {expected}, arena
+    with pytest.raises(ValueError, match=r"arena='sometimes' is not one of \['auto', 'on', 'off'\]"):
+        Pipeline.load(folder, engine_options={"arena": "sometimes"})

@@ -26,9 +26,18 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """sdexport's default session options: full graph optimisation, intra-op threads = cores, CPU memory arena on,
-    threads stop spinning when a run ends.
+ARENAS = ("auto", "on", "off")
+"""Values of the ``arena`` option: the CPU memory arena per component (auto), or on / off for every component."""
+NO_ARENA = ("vae_encoder", "vae_decoder")
+"""The components ``arena='auto'`` opens without the arena. Their activations are the pipeline's largest (hundreds of
+MiB per tensor at 768 px) and the arena, growing in powers of two, holds up to 1.3 GB more than they need even when
+shrunk after each run: SDXL's decoder at 768 px peaks at 3791 MiB with it, 2453 MiB without, in the same 17.4 s
+(benchmarks/README.md, "The VAE without the memory arena"). The UNet and text encoders keep it (faster)."""
+
+
+def session_options(threads: int | None = None, arena: bool = True) -> ort.SessionOptions:
+    """sdexport's default session options: full graph optimisation, intra-op threads = cores, CPU memory arena on
+    unless told otherwise, threads stop spinning when a run ends.
 
     The engine shrinks the arena after every run (``run_options``), so a component's arena does not hold its peak
     while the next component runs.
@@ -38,9 +47,8 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts.intra_op_num_threads = threads if threads is not None else (os.cpu_count() or 1)
     opts.inter_op_num_threads = 1
     # Measured (benchmarks/README.md, "Fused attention and the memory arena", SD 1.5 at 512x512): arena on and
-    # shrunk after each run, the fused UNet call is 1.2x faster than with the arena off and peaks 265 MiB lower;
-    # the VAE decoder runs at the same speed and peaks 270 MiB higher (still below torch eager's).
-    opts.enable_cpu_mem_arena = True
+    # shrunk after each run, the fused UNet call is 1.2x faster than with the arena off and peaks 265 MiB lower.
+    opts.enable_cpu_mem_arena = arena
     # Each session has its own intra-op pool whose threads spin-wait after a run; the UNet's spinning threads then
     # take the cores from the scheduler step, the next component and the next call. Spin within a run (the UNet's
     # many small ops need it), stop when it ends: tiny-sd15 at 4 steps 2-4x faster (benchmarks/README.md,
@@ -48,6 +56,13 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.log_severity_level = 3
     return opts
+
+
+def arena_for(component: str, arena: str = "auto") -> bool:
+    """Whether ``component``'s session gets the CPU memory arena under the ``arena`` option (see ``ARENAS``)."""
+    if arena not in ARENAS:
+        raise ValueError(f"onnxruntime option arena={arena!r} is not one of {list(ARENAS)}")
+    return arena == "on" or (arena == "auto" and component not in NO_ARENA)
 
 
 def run_options(options: ort.SessionOptions, providers: Sequence[str]) -> ort.RunOptions:
@@ -134,8 +149,9 @@ class OrtEngine:
 
 def open_component(component: Any, options: Mapping[str, Any]) -> OrtEngine:
     """The onnxruntime backend's engine for one component (``ComponentFiles``) of a compiled folder."""
+    opts = session_options(options.get("threads"), arena_for(component.name, options.get("arena") or "auto"))
     return OrtEngine(component.name, component.graph, component.spec.inputs, component.spec.outputs,
-                     providers=options.get("providers"), options=session_options(options.get("threads")),
+                     providers=options.get("providers"), options=opts,
                      initializer_overrides=options.get("initializer_overrides"))
 
 
@@ -151,6 +167,8 @@ BACKEND = register_backend(Backend(
     open=open_component,
     load_options=(
         Option("threads", "ONNX Runtime intra-op threads (default: one per core)", type=int),
+        Option("arena", "CPU memory arena: auto (off for the VAE, whose activations it over-holds; on elsewhere), "
+               "on or off for every component", default="auto", choices=ARENAS),
         Option("providers", "execution providers, names or (name, options) pairs (default: CPU)", cli=False),
         Option("initializer_overrides", "initializer name -> array written into the graph (LoRA swaps)", cli=False),
     ),
