@@ -114,3 +114,20 @@ def test_unfinished_folder_is_refused(copied: Path) -> None:
 def test_unknown_backend_names_the_choices(tiny_folder: Callable[[str], Path]) -> None:
     with pytest.raises(ValueError, match=r"backend 'cuda-magic' is not available; choose one of .*'onnxruntime'"):
         Pipeline.load(tiny_folder("tiny-sd15"), backend="cuda-magic")
+
+
+def test_engines_open_largest_first_and_keep_the_specs_order(tiny_folder: Callable[[str], Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a graph holds a transient beside its weights: the largest opens while nothing else is resident."""
+    from sdexport.runtime import backends
+
+    folder = tiny_folder("tiny-sdxl")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    sizes = {name: sum(f.stat().st_size for f in (folder / name).iterdir()) for name in manifest["components"]}
+    opened: list[str] = []
+    real = backends.open_engine
+    monkeypatch.setattr(backends, "open_engine", lambda c, b, o: opened.append(c.name) or real(c, b, o))
+    pipe = Pipeline.load(folder)
+    assert opened == sorted(sizes, key=lambda n: -sizes[n]), (opened, sizes)
+    assert len(set(sizes.values())) == len(sizes)  # an order to check
+    assert list(pipe.engines) == list(manifest["components"])

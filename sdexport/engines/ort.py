@@ -20,6 +20,7 @@ from sdexport.engines.memory import release_heap
 from sdexport.engines.registry import Backend, BackendStatus, Option, register_backend
 from sdexport.errors import ArtifactError
 from sdexport.specs import TensorSpec
+from sdexport.specs.families.base import VAE_COMPONENTS
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ CPU = "CPUExecutionProvider"
 
 ARENAS = ("auto", "on", "off")
 """Values of the ``arena`` option: the CPU memory arena per component (auto), or on / off for every component."""
-NO_ARENA = ("vae_encoder", "vae_decoder")
+NO_ARENA = VAE_COMPONENTS
 """The components ``arena='auto'`` opens without the arena. Their activations are the pipeline's largest (hundreds of
 MiB per tensor at 768 px) and the arena, growing in powers of two, holds up to 1.3 GB more than they need even when
 shrunk after each run: SDXL's decoder at 768 px peaks at 3791 MiB with it, 2453 MiB without, in the same 17.4 s

@@ -22,6 +22,7 @@ from sdexport.runtime.backends import (
     EngineRunner,
     component_files,
     open_engine,
+    open_engines,
     read_scheduler_config,
     verify_folder,
 )
@@ -98,8 +99,7 @@ class Pipeline:
         t0 = time.perf_counter()
         manifest = verify_folder(root, verify=verify)
         spec = ModelSpec.from_dict(manifest["model"])
-        engines = {name: open_engine(component_files(root, manifest, c), backend, dict(engine_options or {}))
-                   for name, c in spec.components.items()}
+        engines = open_engines(root, manifest, spec, backend, dict(engine_options or {}))
         pipe = cls(root, manifest, engines, scheduler, scheduler_config, backend)
         pipe.engine_options = dict(engine_options or {})
         log.info("loaded %s (%s, %s) in %.2f s", root, spec.family, backend, time.perf_counter() - t0)
