@@ -26,6 +26,12 @@ def current_rss_mib() -> float | None:
     return kib / 1024 if kib is not None else None
 
 
+def rss_parts_mib() -> dict[str, float]:
+    """Resident memory now by kind, in MiB: total (VmRSS), anonymous (RssAnon), file-backed (RssFile); {} off Linux."""
+    kib = {name: _status_kib(field) for name, field in (("rss", "VmRSS"), ("anon", "RssAnon"), ("file", "RssFile"))}
+    return {name: v / 1024 for name, v in kib.items() if v is not None}
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size since start or the last ``reset_peak``, in MiB."""
     kib = _status_kib("VmHWM")

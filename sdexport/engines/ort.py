@@ -25,15 +25,8 @@ from sdexport.specs.families.base import VAE_COMPONENTS
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
-
-
 ARENAS = ("auto", "on", "off")
 """Values of the ``arena`` option: the CPU memory arena per component (auto), or on / off for every component."""
-NO_ARENA = VAE_COMPONENTS
-"""The components ``arena='auto'`` opens without the arena. Their activations are the pipeline's largest (hundreds of
-MiB per tensor at 768 px) and the arena, growing in powers of two, holds up to 1.3 GB more than they need even when
-shrunk after each run: SDXL's decoder at 768 px peaks at 3791 MiB with it, 2453 MiB without, in the same 17.4 s
-(benchmarks/README.md, "The VAE without the memory arena"). The UNet and text encoders keep it (faster)."""
 
 
 def session_options(threads: int | None = None, arena: bool = True) -> ort.SessionOptions:
@@ -60,10 +53,16 @@ def session_options(threads: int | None = None, arena: bool = True) -> ort.Sessi
 
 
 def arena_for(component: str, arena: str = "auto") -> bool:
-    """Whether ``component``'s session gets the CPU memory arena under the ``arena`` option (see ``ARENAS``)."""
+    """Whether ``component``'s session gets the CPU memory arena under the ``arena`` option (see ``ARENAS``).
+
+    ``auto`` opens the VAE without it. Its activations are the pipeline's largest (hundreds of MiB per tensor at
+    768 px) and the arena, growing in powers of two, holds up to 1.3 GB more than they need even when shrunk after
+    each run: SDXL's decoder at 768 px peaks at 3791 MiB with it, 2453 MiB without, in the same 17.4 s
+    (benchmarks/README.md, "The VAE without the memory arena"). The UNet and text encoders keep it (faster).
+    """
     if arena not in ARENAS:
         raise ValueError(f"onnxruntime option arena={arena!r} is not one of {list(ARENAS)}")
-    return arena == "on" or (arena == "auto" and component not in NO_ARENA)
+    return arena == "on" or (arena == "auto" and component not in VAE_COMPONENTS)
 
 
 def run_options(options: ort.SessionOptions, providers: Sequence[str]) -> ort.RunOptions:
