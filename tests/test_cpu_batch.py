@@ -39,6 +39,7 @@ def test_the_cpu_batch_never_exceeds_the_engines_range() -> None:
 def test_a_cpu_pipeline_decodes_image_by_image_with_the_same_pixels(tiny_pipe: Callable[[str], Any],
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = tiny_pipe("tiny-sd15")
+    monkeypatch.setattr(pipe.engines["unet"], "row_parallel", 1)  # one run per call (rows: test_row_parallel.py)
     batches: dict[str, list[int]] = {"unet": [], "vae_decoder": []}
     for name, seen in batches.items():
         engine = pipe.engines[name]
@@ -51,6 +52,7 @@ def test_a_cpu_pipeline_decodes_image_by_image_with_the_same_pixels(tiny_pipe: C
     assert set(batches["unet"]) == {6}  # CFG doubles the UNet's batch, never sliced
     assert batches["vae_decoder"] == [1, 1, 1]
     monkeypatch.setattr(pipe.engines["vae_decoder"], "on_cpu", False)
+    monkeypatch.setattr(pipe.engines["vae_decoder"], "row_parallel", 1)  # as a GPU engine
     batches["vae_decoder"].clear()
     whole = pipe(**args).images
     assert batches["vae_decoder"] == [3]

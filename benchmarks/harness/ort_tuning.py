@@ -8,6 +8,7 @@ IO binding. ``python -m harness.ort_tuning VARIANT GRAPH FEEDS.npz REPEATS`` mea
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,8 @@ class Variant:
     options: Mapping[str, Any] = field(default_factory=dict)
     config: Mapping[str, str] = field(default_factory=dict)
     io_binding: bool = False
+    rows: bool = False
+    """Run the batch as one slice per core at once (``parallel=rows``; with ``intra_op_num_threads=1``)."""
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -57,6 +60,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("denormal_zero", "session.set_denormal_as_zero=1", config={"session.set_denormal_as_zero": "1"}),
     Variant("io_binding", "run_with_iobinding: inputs bound once as OrtValues, output allocated by ORT",
             io_binding=True),
+    Variant("rows", "rows in parallel: intra_op_num_threads=1, the batch split into one slice per core, the slices "
+            "run at once from one thread each (the engine's parallel=rows)", {"intra_op_num_threads": 1}, rows=True),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -79,8 +84,24 @@ def session_options(variant: Variant) -> Any:
     return opts
 
 
-def runner(session: Any, feeds: Mapping[str, np.ndarray], io_binding: bool) -> Callable[[], Any]:
-    """A no-argument call running ``session`` once on ``feeds`` (plain ``run`` or through IO binding)."""
+def row_runner(session: Any, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
+    """A no-argument call running ``session`` on one slice of ``feeds`` per core at once, as ``EngineRunner`` does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdexport.runtime.backends import row_slices
+
+    cores = os.cpu_count() or 1
+    rows = next(iter(feeds.values())).shape[0]
+    parts = [{k: v[a:b] for k, v in feeds.items()} for a, b in row_slices(rows, rows, cores)]
+    pool = ThreadPoolExecutor(max_workers=cores)
+    return lambda: [np.concatenate(outs, axis=0) for outs in
+                    zip(*pool.map(lambda part: session.run(None, part), parts), strict=True)]
+
+
+def runner(session: Any, feeds: Mapping[str, np.ndarray], io_binding: bool, rows: bool = False) -> Callable[[], Any]:
+    """A no-argument call running ``session`` once on ``feeds`` (plain ``run``, through IO binding, or in rows)."""
+    if rows:
+        return row_runner(session, feeds)
     if not io_binding:
         return lambda: session.run(None, dict(feeds))
     binding = session.io_binding()
@@ -104,7 +125,7 @@ def measure_variant(variant: Variant, graph: Path, feeds: Mapping[str, np.ndarra
     session = ort.InferenceSession(str(graph), sess_options=session_options(variant),
                                    providers=["CPUExecutionProvider"])
     create_s = time.perf_counter() - t0
-    call = runner(session, feeds, variant.io_binding)
+    call = runner(session, feeds, variant.io_binding, variant.rows)
     t0 = time.perf_counter()
     call()
     first_s = time.perf_counter() - t0

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,12 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     atomic_write_json(folder / MANIFEST, dict(manifest, schema_version=SCHEMA_VERSION))
 
 
+def component_bytes(manifest: Mapping[str, Any], name: str) -> int:
+    """Bytes of the files the manifest lists in component ``name``'s directory (its graphs and their weights)."""
+    prefix = name + "/"
+    return sum(int(entry["size"]) for path, entry in manifest["files"].items() if path.startswith(prefix))
+
+
 def describe(folder: Path, manifest: dict[str, Any]) -> str:
     """A human-readable summary of a verified folder: source, family, ranges, components, LoRAs, files."""
     model = manifest["model"]
@@ -237,7 +243,7 @@ def describe(folder: Path, manifest: dict[str, Any]) -> str:
         lines.append(f"  lora       {lora['name']} weight {lora['weight']} -> {', '.join(lora.get('components', []))}")
     total = 0
     for name, comp in manifest["components"].items():
-        size = sum(r["size"] for p, r in manifest["files"].items() if p.startswith(name + "/"))
+        size = component_bytes(manifest, name)
         total += size
         worst = max(
             (o["max_abs_diff"] for s in comp["validation"]["shapes"] for o in s["outputs"].values()), default=0.0

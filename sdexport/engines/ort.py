@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 ARENAS = ("auto", "on", "off")
 """Values of the ``arena`` option: the CPU memory arena per component (auto), or on / off for every component."""
+PARALLEL = ("auto", "threads", "rows")
+"""Values of the ``parallel`` option: how a component uses the cores (see ``row_parallel_for``)."""
+ROWS_BELOW = 64 * 2**20
+"""``parallel=auto`` runs a component's rows in parallel when its files are smaller than this (the tiny presets)."""
 
 
 def session_options(threads: int | None = None, arena: bool = True) -> ort.SessionOptions:
@@ -63,6 +67,25 @@ def arena_for(component: str, arena: str = "auto") -> bool:
     if arena not in ARENAS:
         raise ValueError(f"onnxruntime option arena={arena!r} is not one of {list(ARENAS)}")
     return arena == "on" or (arena == "auto" and component not in VAE_COMPONENTS)
+
+
+def row_parallel_for(size: int, parallel: str = "auto", threads: int | None = None,
+                     providers: Sequence[Any] | None = None) -> int:
+    """How many slices of a batch the component runs at once, each on one single-threaded run (1: one run at a
+    time on ``threads`` intra-op threads).
+
+    ``rows`` gives each core a slice of the batch: no hand-offs between threads inside an op, which dominate
+    networks this small (tiny-sdxl's UNet at batch 8 runs in 5.4-5.9 ms so against 8.3-9.1 ms on two intra-op
+    threads; benchmarks/README.md, "Rows in parallel"). ``auto`` picks it for components of ``size`` bytes below
+    ``ROWS_BELOW``; a full-size network keeps its intra-op threads, which a call with fewer rows than cores (the
+    VAE image by image, a UNet without CFG) would otherwise lose. CPU only.
+    """
+    if parallel not in PARALLEL:
+        raise ValueError(f"onnxruntime option parallel={parallel!r} is not one of {list(PARALLEL)}")
+    cores = threads if threads is not None else (os.cpu_count() or 1)
+    on_cpu = provider_names(providers or [CPU]) == [CPU]
+    rows = parallel == "rows" or (parallel == "auto" and size < ROWS_BELOW)
+    return cores if rows and on_cpu and cores > 1 else 1
 
 
 def run_options(options: ort.SessionOptions, providers: Sequence[str]) -> ort.RunOptions:
@@ -140,6 +163,8 @@ class OrtEngine:
         self.on_cpu = self.providers == [CPU]
         self._output_names = [t.name for t in outputs]
         self.run_options = run_options(opts, self.providers)
+        self.row_parallel = 1
+        """Slices of a batch the runtime may run at once (``row_parallel_for``): ``run`` is thread-safe."""
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run the session; returns numpy arrays keyed by output name."""
@@ -149,10 +174,13 @@ class OrtEngine:
 
 def open_component(component: Any, options: Mapping[str, Any]) -> OrtEngine:
     """The onnxruntime backend's engine for one component (``ComponentFiles``) of a compiled folder."""
-    opts = session_options(options.get("threads"), arena_for(component.name, options.get("arena") or "auto"))
-    return OrtEngine(component.name, component.graph, component.spec.inputs, component.spec.outputs,
-                     providers=options.get("providers"), options=opts,
-                     initializer_overrides=options.get("initializer_overrides"))
+    threads, providers = options.get("threads"), options.get("providers")
+    rows = row_parallel_for(component.size, options.get("parallel") or "auto", threads, providers)
+    opts = session_options(1 if rows > 1 else threads, arena_for(component.name, options.get("arena") or "auto"))
+    engine = OrtEngine(component.name, component.graph, component.spec.inputs, component.spec.outputs,
+                       providers=providers, options=opts, initializer_overrides=options.get("initializer_overrides"))
+    engine.row_parallel = rows
+    return engine
 
 
 def probe(device: int = 0) -> BackendStatus:
@@ -169,6 +197,9 @@ BACKEND = register_backend(Backend(
         Option("threads", "ONNX Runtime intra-op threads (default: one per core)", type=int),
         Option("arena", "CPU memory arena: auto (off for the VAE, whose activations it over-holds; on elsewhere), "
                "on or off for every component", default="auto", choices=ARENAS),
+        Option("parallel", "how a component uses the cores: threads (one run at a time on every core), rows (each "
+               "core runs a slice of the batch) or auto (rows for networks under 64 MiB, threads for the rest)",
+               default="auto", choices=PARALLEL),
         Option("providers", "execution providers, names or (name, options) pairs (default: CPU)", cli=False),
         Option("initializer_overrides", "initializer name -> array written into the graph (LoRA swaps)", cli=False),
     ),

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,8 @@ class ComponentFiles:
     profile: Mapping[str, Mapping[str, list[int]]]
     precision: str
     record: Mapping[str, Any]
+    size: int = 0
+    """Bytes of the component's listed files (its graphs and their weights; ``artifacts.component_bytes``)."""
 
     @property
     def max_batch(self) -> int:
@@ -81,7 +87,7 @@ def component_files(folder: Path, manifest: Mapping[str, Any], spec: ComponentSp
     if record is None:
         raise ArtifactError(f"{folder}: the manifest has no component {spec.name!r}; rebuild the folder")
     return ComponentFiles(spec.name, spec, artifacts.check_inside(folder, record["graph"]), record["profile"],
-                          record.get("precision", "fp32"), record)
+                          record.get("precision", "fp32"), record, artifacts.component_bytes(manifest, spec.name))
 
 
 def open_engine(component: ComponentFiles, backend: str, options: Mapping[str, Any]) -> Engine:
@@ -93,12 +99,6 @@ def open_engine(component: ComponentFiles, backend: str, options: Mapping[str, A
     return engine
 
 
-def component_bytes(manifest: Mapping[str, Any], name: str) -> int:
-    """Bytes of the files the manifest lists in component ``name``'s directory (its graphs and their weights)."""
-    prefix = name + "/"
-    return sum(int(entry["size"]) for path, entry in manifest["files"].items() if path.startswith(prefix))
-
-
 def open_engines(folder: Path, manifest: Mapping[str, Any], spec: ModelSpec, backend: str,
                  options: Mapping[str, Any]) -> dict[str, Engine]:
     """One engine per component of ``spec`` (in the spec's order), opened largest first.
@@ -108,7 +108,7 @@ def open_engines(folder: Path, manifest: Mapping[str, Any], spec: ModelSpec, bac
     """
     files = {name: component_files(folder, manifest, c) for name, c in spec.components.items()}
     opened = {name: open_engine(files[name], backend, options)
-              for name in sorted(files, key=lambda n: -component_bytes(manifest, n))}
+              for name in sorted(files, key=lambda n: -files[n].size)}
     return {name: opened[name] for name in files}
 
 
@@ -116,7 +116,8 @@ class EngineRunner:
     """Calls one engine, splitting the batch into slices of at most ``max_batch``; accumulates engine time.
 
     ``arrays`` is where the caller's arrays live. An engine whose ``array_device`` is those arrays takes and returns
-    them directly (TensorRT with CuPy); any other engine gets host copies, and its outputs are put back.
+    them directly (TensorRT with CuPy); any other engine gets host copies, and its outputs are put back. An engine
+    with ``row_parallel = n > 1`` gets the batch in up to n slices at once, from n threads (``row_slices``).
     """
 
     def __init__(self, engine: Engine, max_batch: int, arrays: Arrays = HOST) -> None:
@@ -124,25 +125,44 @@ class EngineRunner:
         self.max_batch = max(1, int(max_batch))
         self.arrays = arrays
         self.native = arrays is HOST or getattr(engine, "array_device", None) is arrays
+        self.row_parallel = max(1, int(getattr(engine, "row_parallel", 1)))
         self.seconds = 0.0
         self.calls = 0
 
     def _run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        t0 = time.perf_counter()
         if self.native:
-            out = self.engine.run(feeds)
-        else:
-            host = self.engine.run({k: self.arrays.get(v) for k, v in feeds.items()})
-            out = {k: self.arrays.put(v) for k, v in host.items()}
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        return out
+            return self.engine.run(feeds)
+        host = self.engine.run({k: self.arrays.get(v) for k, v in feeds.items()})
+        return {k: self.arrays.put(v) for k, v in host.items()}
 
     def __call__(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run on ``feeds`` (all batched on axis 0); outputs concatenated back along axis 0."""
+        t0 = time.perf_counter()
         total = next(iter(feeds.values())).shape[0]
-        if total <= self.max_batch:
-            return self._run(feeds)
-        parts = [self._run({k: v[start:start + self.max_batch, ...] for k, v in feeds.items()})
-                 for start in range(0, total, self.max_batch)]
-        return {k: self.arrays.xp.concat([p[k] for p in parts], axis=0) for k in parts[0]}
+        slices = row_slices(total, self.max_batch, self.row_parallel)
+        self.calls += len(slices)
+        if len(slices) == 1:
+            out = self._run(feeds)
+        else:
+            parts_of = [{k: v[start:stop, ...] for k, v in feeds.items()} for start, stop in slices]
+            if self.row_parallel > 1:
+                parts = list(_row_pool(self.row_parallel, os.getpid()).map(self._run, parts_of))
+            else:
+                parts = [self._run(part) for part in parts_of]
+            out = {k: self.arrays.xp.concat([p[k] for p in parts], axis=0) for k in parts[0]}
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def row_slices(total: int, max_batch: int, row_parallel: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) of the slices a batch of ``total`` rows runs in: at most ``max_batch`` rows each, and at least
+    ``row_parallel`` slices when there are that many rows (so that each of ``row_parallel`` threads has one)."""
+    size = min(max_batch, max(1, math.ceil(total / row_parallel)))
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+@functools.cache
+def _row_pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """The threads that run a row-parallel engine's slices, shared by every runner with ``workers`` of them (one
+    pool per process: ``pid`` keeps a forked child from using its parent's threads, which it does not have)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdexport-rows")
