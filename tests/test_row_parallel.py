@@ -68,7 +68,29 @@ def test_the_runner_runs_slices_at_once_in_order() -> None:
     out = EngineRunner(engine, max_batch=8)({"x": x})
     np.testing.assert_array_equal(out["y"], x + 1)  # slices concatenated back in row order
     assert sorted(rows for rows, _ in engine.calls) == [4, 4]
-    assert all(name.startswith("sdexport-rows") for _, name in engine.calls)
+    threads = sorted(name for _, name in engine.calls)
+    assert threads[0] == threading.current_thread().name  # the caller runs one slice itself
+    assert threads[1].startswith("sdexport-rows")
+
+
+class Lanes(Recorder):
+    """A Recorder that returns each slice's first value, to check the order slices come back in."""
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            self.calls.append((feeds["x"].shape[0], threading.current_thread().name))
+        return {"y": feeds["x"] * 10}
+
+
+def test_more_slices_than_threads_share_the_threads_in_order() -> None:
+    engine = Lanes(row_parallel=2)
+    x = np.arange(5, dtype=np.float32).reshape(5, 1)
+    out = EngineRunner(engine, max_batch=1)({"x": x})  # five one-row slices (the VAE image by image) on two threads
+    np.testing.assert_array_equal(out["y"], x * 10)
+    by_thread: dict[str, int] = {}
+    for _, name in engine.calls:
+        by_thread[name] = by_thread.get(name, 0) + 1
+    assert sorted(by_thread.values()) == [2, 3]  # every 2nd slice on each thread, the caller's first
 
 
 def test_a_runner_without_row_parallel_calls_once_on_its_own_thread() -> None:

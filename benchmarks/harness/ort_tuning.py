@@ -84,18 +84,25 @@ def session_options(variant: Variant) -> Any:
     return opts
 
 
+class _RowEngine:
+    """A session behind the Engine protocol, one slice per core: what ``parallel=rows`` hands ``EngineRunner``."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.names = [o.name for o in session.get_outputs()]
+        self.row_parallel = os.cpu_count() or 1
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(zip(self.names, self.session.run(self.names, dict(feeds)), strict=True))
+
+
 def row_runner(session: Any, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
-    """A no-argument call running ``session`` on one slice of ``feeds`` per core at once, as ``EngineRunner`` does."""
-    from concurrent.futures import ThreadPoolExecutor
+    """A no-argument call running ``session`` on one slice of ``feeds`` per core at once, through the runtime's own
+    ``EngineRunner``."""
+    from sdexport.runtime.backends import EngineRunner
 
-    from sdexport.runtime.backends import row_slices
-
-    cores = os.cpu_count() or 1
-    rows = next(iter(feeds.values())).shape[0]
-    parts = [{k: v[a:b] for k, v in feeds.items()} for a, b in row_slices(rows, rows, cores)]
-    pool = ThreadPoolExecutor(max_workers=cores)
-    return lambda: [np.concatenate(outs, axis=0) for outs in
-                    zip(*pool.map(lambda part: session.run(None, part), parts), strict=True)]
+    run = EngineRunner(_RowEngine(session), max_batch=next(iter(feeds.values())).shape[0])
+    return lambda: run(feeds)
 
 
 def runner(session: Any, feeds: Mapping[str, np.ndarray], io_binding: bool, rows: bool = False) -> Callable[[], Any]:
