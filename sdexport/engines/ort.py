@@ -75,7 +75,7 @@ def row_parallel_for(size: int, parallel: str = "auto", threads: int | None = No
     time on ``threads`` intra-op threads).
 
     ``rows`` gives each core a slice of the batch: no hand-offs between threads inside an op, which dominate
-    networks this small (tiny-sdxl's UNet at batch 8 runs in 5.4-5.9 ms so against 8.3-9.1 ms on two intra-op
+    networks this small (tiny-sdxl's UNet at batch 4 with CFG: 6.7 ms a call so against 9.2 ms on two intra-op
     threads; benchmarks/README.md, "Rows in parallel"). ``auto`` picks it for components of ``size`` bytes below
     ``ROWS_BELOW``; a full-size network keeps its intra-op threads, which a call with fewer rows than cores (the
     VAE image by image, a UNet without CFG) would otherwise lose. CPU only.
