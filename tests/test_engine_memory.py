@@ -192,13 +192,37 @@ def test_the_pipeline_releases_the_unet_and_decoder_memory_once_per_generation(
     assert calls == ["unet", "unet", "unet", "vae_decoder"]  # the decoder after it decoded; the text encoder never
 
 
-def test_onnxruntime_opens_the_vae_without_the_memory_arena_unless_asked(tiny_folder: Callable[[str], Path]) -> None:
+@pytest.mark.parametrize(("component", "pixels", "expected"), [
+    ("unet", None, True), ("text_encoder", 1024 * 1024, True),  # the arena is faster for them at any size
+    ("vae_decoder", 512 * 512, True), ("vae_encoder", 256 * 256, True),  # first decode faster, little more memory
+    ("vae_decoder", 512 * 768, False), ("vae_encoder", 1024 * 1024, False),  # the chunks' overshoot grows
+    ("vae_decoder", None, False),  # not known: the memory-safe choice
+])
+def test_auto_arena_gives_the_vae_the_arena_only_on_folders_built_around_small_images(
+        component: str, pixels: int | None, expected: bool) -> None:
+    from sdexport.engines.ort import arena_for
+
+    assert arena_for(component, "auto", pixels) is expected
+    assert arena_for(component, "on", pixels) is True
+    assert arena_for(component, "off", pixels) is False
+
+
+def test_onnxruntime_arena_follows_the_folders_opt_size_unless_asked(
+        tiny_folder: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdexport.engines import ort as ort_engine
+    from sdexport.engines.artifacts import opt_pixels, read_manifest
     from sdexport.runtime.pipeline import Pipeline
 
     folder = tiny_folder("tiny-sd15")
+    ranges = read_manifest(folder)["shape_ranges"]
+    assert opt_pixels(read_manifest(folder)) == ranges["height"][1] * ranges["width"][1] <= ort_engine.VAE_ARENA_PIXELS
+    assert opt_pixels({}) is None and opt_pixels({"shape_ranges": {"height": [64]}}) is None
     arenas = {name: engine.options.enable_cpu_mem_arena for name, engine in Pipeline.load(folder).engines.items()}
-    assert arenas == {"text_encoder": True, "unet": True, "vae_decoder": False, "vae_encoder": False}
+    assert arenas == {"text_encoder": True, "unet": True, "vae_decoder": True, "vae_encoder": True}
+    monkeypatch.setattr(ort_engine, "VAE_ARENA_PIXELS", ranges["height"][1] * ranges["width"][1] - 1)
     engines = Pipeline.load(folder).engines
+    assert {n: e.options.enable_cpu_mem_arena for n, e in engines.items()} == {
+        "text_encoder": True, "unet": True, "vae_decoder": False, "vae_encoder": False}
     shrink = "memory.enable_memory_arena_shrinkage"
     assert engines["unet"].run_options.get_run_config_entry(shrink) == "cpu:0"
     with pytest.raises(RuntimeError, match=shrink):  # no arena, nothing to shrink after a run

@@ -225,6 +225,15 @@ def component_bytes(manifest: Mapping[str, Any], name: str) -> int:
     return sum(int(entry["size"]) for path, entry in manifest["files"].items() if path.startswith(prefix))
 
 
+def opt_pixels(manifest: Mapping[str, Any]) -> int | None:
+    """Height x width of the image the folder is built around (its shape ranges' opt); None if the manifest has none."""
+    ranges = manifest.get("shape_ranges") or {}
+    try:
+        return int(ranges["height"][1]) * int(ranges["width"][1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
 def describe(folder: Path, manifest: dict[str, Any]) -> str:
     """A human-readable summary of a verified folder: source, family, ranges, components, LoRAs, files."""
     model = manifest["model"]

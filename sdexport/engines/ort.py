@@ -56,17 +56,26 @@ def session_options(threads: int | None = None, arena: bool = True) -> ort.Sessi
     return opts
 
 
-def arena_for(component: str, arena: str = "auto") -> bool:
+VAE_ARENA_PIXELS = 512 * 512
+"""``auto`` gives the VAE the arena on folders built around images up to this area (height x width at their opt)."""
+
+
+def arena_for(component: str, arena: str = "auto", pixels: int | None = None) -> bool:
     """Whether ``component``'s session gets the CPU memory arena under the ``arena`` option (see ``ARENAS``).
 
-    ``auto`` opens the VAE without it. Its activations are the pipeline's largest (hundreds of MiB per tensor at
-    768 px) and the arena, growing in powers of two, holds up to 1.3 GB more than they need even when shrunk after
-    each run: SDXL's decoder at 768 px peaks at 3791 MiB with it, 2453 MiB without, in the same 17.4 s
-    (benchmarks/README.md, "The VAE without the memory arena"). The UNet and text encoders keep it (faster).
+    ``auto`` keeps it for the UNet and text encoders (faster), and for the VAE only on folders built around images
+    of at most ``VAE_ARENA_PIXELS`` (``pixels``: their opt height x width; None, unknown: off). Without the arena
+    the first decode of each new size page-faults every activation afresh (later ones reuse ONNX Runtime's memory
+    pattern): SD 1.5's decoder, first call, AMD EPYC, takes 5.75 s at 256 px without it and 3.74 s with it
+    (peaking 127 MiB lower), 22.0 vs 15.8 s at 512 px (+167 MiB). At 768 px its power-of-two chunks hold 1.4 GB
+    more than the tensors need (SDXL's decoder: 3791 against 2453 MiB), where an SDXL folder's peak is the decode:
+    folders built around larger images keep it off (benchmarks/README.md, "The VAE and the memory arena").
     """
     if arena not in ARENAS:
         raise ValueError(f"onnxruntime option arena={arena!r} is not one of {list(ARENAS)}")
-    return arena == "on" or (arena == "auto" and component not in VAE_COMPONENTS)
+    if arena != "auto":
+        return arena == "on"
+    return component not in VAE_COMPONENTS or (pixels is not None and pixels <= VAE_ARENA_PIXELS)
 
 
 def row_parallel_for(size: int, parallel: str = "auto", threads: int | None = None,
@@ -176,7 +185,8 @@ def open_component(component: Any, options: Mapping[str, Any]) -> OrtEngine:
     """The onnxruntime backend's engine for one component (``ComponentFiles``) of a compiled folder."""
     threads, providers = options.get("threads"), options.get("providers")
     rows = row_parallel_for(component.size, options.get("parallel") or "auto", threads, providers)
-    opts = session_options(1 if rows > 1 else threads, arena_for(component.name, options.get("arena") or "auto"))
+    arena = arena_for(component.name, options.get("arena") or "auto", component.pixels)
+    opts = session_options(1 if rows > 1 else threads, arena)
     engine = OrtEngine(component.name, component.graph, component.spec.inputs, component.spec.outputs,
                        providers=providers, options=opts, initializer_overrides=options.get("initializer_overrides"))
     engine.row_parallel = rows

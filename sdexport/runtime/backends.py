@@ -36,6 +36,8 @@ class ComponentFiles:
     record: Mapping[str, Any]
     size: int = 0
     """Bytes of the component's listed files (its graphs and their weights; ``artifacts.component_bytes``)."""
+    pixels: int | None = None
+    """Height x width of the image the folder is built around (``artifacts.opt_pixels``); None: not known."""
 
     @property
     def max_batch(self) -> int:
@@ -87,7 +89,8 @@ def component_files(folder: Path, manifest: Mapping[str, Any], spec: ComponentSp
     if record is None:
         raise ArtifactError(f"{folder}: the manifest has no component {spec.name!r}; rebuild the folder")
     return ComponentFiles(spec.name, spec, artifacts.check_inside(folder, record["graph"]), record["profile"],
-                          record.get("precision", "fp32"), record, artifacts.component_bytes(manifest, spec.name))
+                          record.get("precision", "fp32"), record, artifacts.component_bytes(manifest, spec.name),
+                          artifacts.opt_pixels(manifest))
 
 
 def open_engine(component: ComponentFiles, backend: str, options: Mapping[str, Any]) -> Engine:
