@@ -32,11 +32,13 @@ def test_row_slices(total: int, max_batch: int, parallel: int, expected: list[tu
     (ROWS_BELOW - 1, "auto", 2, None, 2),  # a tiny network: one slice per core
     (ROWS_BELOW, "auto", 2, None, 1),  # full size keeps its intra-op threads
     (ROWS_BELOW - 1, "threads", 2, None, 1),
+    (None, "auto", 2, None, 1), (None, "rows", 2, None, 2),  # size not known: threads unless asked
     (10 * ROWS_BELOW, "rows", 4, None, 4),
     (ROWS_BELOW - 1, "auto", 1, None, 1),  # one core: nothing to run beside
     (ROWS_BELOW - 1, "rows", 2, ["CUDAExecutionProvider", "CPUExecutionProvider"], 1),  # CPU only
 ])
-def test_row_parallel_for(size: int, parallel: str, threads: int, providers: list[str] | None, expected: int) -> None:
+def test_row_parallel_for(size: int | None, parallel: str, threads: int, providers: list[str] | None,
+                          expected: int) -> None:
     assert row_parallel_for(size, parallel, threads, providers) == expected
 
 

@@ -66,8 +66,8 @@ def arena_for(component: str, arena: str = "auto", pixels: int | None = None) ->
     ``auto`` keeps it for the UNet and text encoders (faster), and for the VAE only on folders built around images
     of at most ``VAE_ARENA_PIXELS`` (``pixels``: their opt height x width; None, unknown: off). Without the arena
     the first decode of each new size page-faults every activation afresh (later ones reuse ONNX Runtime's memory
-    pattern): SD 1.5's decoder, first call, AMD EPYC, takes 5.75 s at 256 px without it and 3.74 s with it
-    (peaking 127 MiB lower), 22.0 vs 15.8 s at 512 px (+167 MiB). At 768 px its power-of-two chunks hold 1.4 GB
+    pattern): SD 1.5's decoder, first call, AMD EPYC, takes 5.01 s at 256 px without it and 3.55 s with it
+    (peaking 173 MiB lower), 20.6 vs 15.5 s at 512 px (+61 MiB). At 768 px its power-of-two chunks hold 1.4 GB
     more than the tensors need (SDXL's decoder: 3791 against 2453 MiB), where an SDXL folder's peak is the decode:
     folders built around larger images keep it off (benchmarks/README.md, "The VAE and the memory arena").
     """
@@ -78,7 +78,7 @@ def arena_for(component: str, arena: str = "auto", pixels: int | None = None) ->
     return component not in VAE_COMPONENTS or (pixels is not None and pixels <= VAE_ARENA_PIXELS)
 
 
-def row_parallel_for(size: int, parallel: str = "auto", threads: int | None = None,
+def row_parallel_for(size: int | None, parallel: str = "auto", threads: int | None = None,
                      providers: Sequence[Any] | None = None) -> int:
     """How many slices of a batch the component runs at once, each on one single-threaded run (1: one run at a
     time on ``threads`` intra-op threads).
@@ -86,14 +86,14 @@ def row_parallel_for(size: int, parallel: str = "auto", threads: int | None = No
     ``rows`` gives each core a slice of the batch: no hand-offs between threads inside an op, which dominate
     networks this small (tiny-sdxl's UNet at batch 4 with CFG: 6.7 ms a call so against 9.2 ms on two intra-op
     threads; benchmarks/README.md, "Rows in parallel"). ``auto`` picks it for components of ``size`` bytes below
-    ``ROWS_BELOW``; a full-size network keeps its intra-op threads, which a call with fewer rows than cores (the
-    VAE image by image, a UNet without CFG) would otherwise lose. CPU only.
+    ``ROWS_BELOW`` (never for a size not known: None); a full-size network keeps its intra-op threads, which a call
+    with fewer rows than cores (the VAE image by image, a UNet without CFG) would otherwise lose. CPU only.
     """
     if parallel not in PARALLEL:
         raise ValueError(f"onnxruntime option parallel={parallel!r} is not one of {list(PARALLEL)}")
     cores = threads if threads is not None else (os.cpu_count() or 1)
     on_cpu = provider_names(providers or [CPU]) == [CPU]
-    rows = parallel == "rows" or (parallel == "auto" and size < ROWS_BELOW)
+    rows = parallel == "rows" or (parallel == "auto" and size is not None and size < ROWS_BELOW)
     return cores if rows and on_cpu and cores > 1 else 1
 
 

@@ -34,8 +34,9 @@ class ComponentFiles:
     profile: Mapping[str, Mapping[str, list[int]]]
     precision: str
     record: Mapping[str, Any]
-    size: int = 0
-    """Bytes of the component's listed files (its graphs and their weights; ``artifacts.component_bytes``)."""
+    size: int | None = None
+    """Bytes of the component's listed files (its graphs and their weights; ``artifacts.component_bytes``); None:
+    not known."""
     pixels: int | None = None
     """Height x width of the image the folder is built around (``artifacts.opt_pixels``); None: not known."""
 
@@ -111,7 +112,7 @@ def open_engines(folder: Path, manifest: Mapping[str, Any], spec: ModelSpec, bac
     """
     files = {name: component_files(folder, manifest, c) for name, c in spec.components.items()}
     opened = {name: open_engine(files[name], backend, options)
-              for name in sorted(files, key=lambda n: -files[n].size)}
+              for name in sorted(files, key=lambda n: -(files[n].size or 0))}
     return {name: opened[name] for name in files}
 
 
