@@ -205,8 +205,9 @@ BACKEND = register_backend(Backend(
     open=open_component,
     load_options=(
         Option("threads", "ONNX Runtime intra-op threads (default: one per core)", type=int),
-        Option("arena", "CPU memory arena: auto (off for the VAE, whose activations it over-holds; on elsewhere), "
-               "on or off for every component", default="auto", choices=ARENAS),
+        Option("arena", "CPU memory arena: auto (on, except for the VAE of folders built around images over "
+               "512x512, whose activations it over-holds), on or off for every component", default="auto",
+               choices=ARENAS),
         Option("parallel", "how a component uses the cores: threads (one run at a time on every core), rows (each "
                "core runs a slice of the batch) or auto (rows for networks under 64 MiB, threads for the rest)",
                default="auto", choices=PARALLEL),
