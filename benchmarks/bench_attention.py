@@ -7,10 +7,11 @@
 Variants: the folder's portable graph or its fused graph (attention as MultiHeadAttention) x the CPU memory arena
 (off, on, on with kSameAsRequested growth, on with shrinkage after every run), and the diffusers module in torch
 eager; and OpenVINO on the portable graph at f32, bf16 and int8 weights and on the fused graph at f32 and bf16
-(there OpenVINO reads MultiHeadAttention as ScaledDotProductAttention). Every variant runs in its own process
-(so its peak RSS is its own: load + calls), round after round in turn. The first call (a warm-up, left out of the
-median) is reported apart: ONNX Runtime plans a shape's memory on it, and without the arena it page-faults every
-activation afresh.
+(there OpenVINO reads MultiHeadAttention as ScaledDotProductAttention); and optimum-intel's own IR (converted from
+torch; exported by `bench_latency.py --systems optimum-openvino`) at the same compile settings. Every variant runs
+in its own process (so its peak RSS is its own: load + calls), round after round in turn. The first call (a
+warm-up, left out of the median) is reported apart: ONNX Runtime plans a shape's memory on it, and without the
+arena it page-faults every activation afresh.
 Appends JSON lines to benchmarks/results/attention.jsonl and prints a markdown table.
 """
 
@@ -44,6 +45,7 @@ VARIANTS = {
     "openvino f32": ("openvino", "f32"), "openvino bf16": ("openvino", "bf16"),
     "openvino int8": ("openvino", "int8"),
     "openvino f32, fused": ("openvino-fused", "f32"), "openvino bf16, fused": ("openvino-fused", "bf16"),
+    "optimum-intel IR, openvino f32": ("optimum-ir", "f32"),
     "diffusers torch eager": ("torch", ""),
 }
 
@@ -85,6 +87,32 @@ def _openvino_runner(folder: Path, component: Any, precision: str, fused: bool) 
     return lambda feeds: engine.run(feeds)[name]
 
 
+def _optimum_ir_runner(ir_root: Path, component: Any, precision: str) -> Any:
+    """A callable running optimum-intel's IR of the component on OpenVINO, fed our inputs (its timestep: int64 [1])."""
+    import openvino as ov
+
+    from sdexport.engines.openvino import compile_config
+
+    xml = ir_root / component.name / "openvino_model.xml"
+    if not xml.is_file():
+        raise FileNotFoundError(f"{xml} not found: export it with python benchmarks/bench_latency.py --only "
+                                "sd15-256 --systems optimum-openvino")
+    compiled = ov.Core().compile_model(xml, "CPU", compile_config(precision))
+    request = compiled.create_infer_request()
+
+    def call(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        values = [feeds[t.name] for t in component.inputs]  # both graphs list their inputs in the same order
+        inputs = {}
+        for port, value in zip(compiled.inputs, values, strict=True):
+            rows = port.get_partial_shape()[0]
+            value = value[:1] if value.ndim == 1 and rows.is_static and rows.get_length() == 1 else value
+            inputs[port.get_any_name()] = value.astype(port.get_element_type().to_dtype())
+        request.infer(inputs)
+        return request.get_output_tensor(0).data.copy()
+
+    return call
+
+
 def _torch_runner(diffusers_folder: Path, spec: Any, component: Any) -> Any:
     """A callable running diffusers' own module (loaded alone from the diffusers folder) in torch eager."""
     import torch
@@ -119,6 +147,8 @@ def worker(args: argparse.Namespace) -> int:
     graph, arena = VARIANTS[args.worker]
     if graph == "torch":
         call = _torch_runner(args.diffusers, spec, component)
+    elif graph == "optimum-ir":
+        call = _optimum_ir_runner(args.folder.parent / "optimum-openvino", component, arena)
     elif graph.startswith("openvino"):
         call = _openvino_runner(args.folder, component, arena, fused=graph == "openvino-fused")
     else:
@@ -207,7 +237,10 @@ def orchestrate(args: argparse.Namespace) -> int:
                "repeats": args.repeats, "rounds": args.rounds, "load_avg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         feeds = Path(tmp) / "feeds.npz"
-        np.savez(feeds, **dummy_inputs(component, env, seed=0))
+        values = dummy_inputs(component, env, seed=0)
+        if "timestep" in values:  # one integer timestep for every row, as in a CFG call (and optimum's int64 input)
+            values["timestep"] = np.full_like(values["timestep"], np.round(values["timestep"][0]))
+        np.savez(feeds, **values)
         for i in range(args.rounds):
             for variant in variants:
                 t = time.time()
