@@ -5,7 +5,9 @@
     python benchmarks/bench_precision.py --folder build/sd15-256 --unet-only --size 256   # UNet calls only
 
 Variants: ONNX Runtime f32 (sdexport's default backend), OpenVINO f32, and OpenVINO at every reduced precision the
-CPU plugin offers (bf16, f16; int8 weights when nncf is installed) plus ``auto``. All variants stay loaded and take
+CPU plugin offers (bf16, f16; int8 weights when nncf is installed) plus ``auto``, and ``hybrid`` / ``hybrid-bf16``
+when the folder's UNet has an int8 IR (``sdexport quantize``; the demo folder built here gets one, calibrated on the
+trained captions only). All variants stay loaded and take
 turns picture by picture (or call by call), so a change in machine load hits all of them alike. Appends a JSON line
 to benchmarks/results/precision.jsonl and prints a markdown table.
 """
@@ -33,15 +35,19 @@ from sdexport.demo.shapes import IMAGE_SIZE, caption
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def variants() -> dict[str, tuple[str, dict[str, Any]]]:
-    """name -> (backend, engine options): ORT f32, OpenVINO f32, each reduced precision offered here, and auto."""
+def variants(folder: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """name -> (backend, engine options): ORT f32, OpenVINO f32, each reduced precision offered here, auto, and the
+    hybrid int8 UNet (with bf16 elsewhere when offered) when the folder has one (``sdexport quantize``)."""
     import openvino as ov
 
+    from sdexport.engines.artifacts import QUANTIZED, read_manifest
     from sdexport.engines.openvino_precision import offered
 
     reduced = offered(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    hybrid = QUANTIZED in read_manifest(folder)["components"]["unet"]
+    extra = (("hybrid", *(("hybrid-bf16",) if "bf16" in reduced else ())) if hybrid else ())
     out = {"onnxruntime f32": ("onnxruntime", {}), "openvino f32": ("openvino", {"precision": "f32"})}
-    out.update({f"openvino {p}": ("openvino", {"precision": p}) for p in (*reduced, "auto")})
+    out.update({f"openvino {p}": ("openvino", {"precision": p}) for p in (*reduced, "auto", *extra)})
     return out
 
 
@@ -100,9 +106,14 @@ def unet_rows(pipes: dict[str, Any], folder: Path, args: argparse.Namespace) -> 
 def _folder(args: argparse.Namespace, scratch: Path) -> Path:
     if args.folder is not None:
         return args.folder
+    from sdexport.demo.shapes import caption, trained_combos
+    from sdexport.engines.openvino_quantize import QuantizeConfig, quantize_folder
     from sdexport.export.build import BuildConfig, build
 
     build(BuildConfig(model="demo", out=scratch / "demo"))
+    if not args.no_quantize:  # calibrated on trained captions only: the held-out score stays a fair test
+        quantize_folder(scratch / "demo", QuantizeConfig(prompts=tuple(caption(*c) for c in trained_combos()),
+                                                         guidance=args.guidance, threads=args.threads))
     return scratch / "demo"
 
 
@@ -118,6 +129,7 @@ def main() -> int:
     """Run every variant on one folder and record the result."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--folder", type=Path, help="a compiled folder (default: build the demo model)")
+    p.add_argument("--no-quantize", action="store_true", help="leave out the hybrid int8 variants (demo model)")
     p.add_argument("--unet-only", action="store_true", help="time UNet calls only (models other than the demo)")
     p.add_argument("--size", type=int, default=256, help="image size of the UNet calls (--unet-only)")
     p.add_argument("--repeats", type=int, default=3, help="UNet calls per variant (--unet-only)")
@@ -131,7 +143,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         folder = _folder(args, Path(scratch))
         pipes = {name: Pipeline.load(folder, backend=backend, engine_options={"threads": args.threads, **options})
-                 for name, (backend, options) in variants().items()}
+                 for name, (backend, options) in variants(folder).items()}
         rows = unet_rows(pipes, folder, args) if args.unet_only else demo_rows(pipes, args)
     record = {"kind": "precision", "folder": str(args.folder or "demo"), "unet_only": args.unet_only,
               "size": args.size if args.unet_only else IMAGE_SIZE, "steps": args.steps, "threads": args.threads,

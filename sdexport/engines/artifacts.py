@@ -43,6 +43,10 @@ SPECIAL_TOKENS = "special_tokens_map.json"
 # the portable graph as fast, its own attention fusion being as good (benchmarks/README.md); TensorRT takes the
 # portable graph.
 FUSED_GRAPH = "model.ort.onnx"
+QUANTIZED = "openvino_quantized"
+"""A component record's key describing the int8 IR ``sdexport quantize`` made from its graph (openvino_quantize)."""
+QUANTIZED_DIR = "openvino-int8-hybrid"
+"""The folder inside a component's folder that holds that IR."""
 TOKENIZER_FILES = ("vocab.json", "merges.txt", SPECIAL_TOKENS)
 """What the runtime's tokenizer opens in a tokenizer folder (the special tokens map only when present)."""
 
@@ -180,11 +184,23 @@ def check_references(folder: Path, manifest: dict[str, Any]) -> None:
         listed_path(folder, manifest, comp["graph"], f"components.{name}.graph")
         if "weight_map" in comp:
             listed_path(folder, manifest, comp["weight_map"], f"components.{name}.weight_map")
+        if QUANTIZED in comp:
+            _check_quantized(folder, manifest, name, comp)
     for relative in manifest["files"]:
         if relative.endswith(".onnx"):
             for location in external_data_locations(check_inside(folder, relative)):
                 where = (Path(relative).parent / location).as_posix()
                 listed_path(folder, manifest, where, f"external data of {relative}:")
+
+
+def _check_quantized(folder: Path, manifest: dict[str, Any], name: str, comp: dict[str, Any]) -> None:
+    """A quantised IR: its .xml and .bin are listed, and it was made from the graph the folder holds now."""
+    graph = comp[QUANTIZED]["graph"]
+    listed_path(folder, manifest, graph, f"components.{name}.{QUANTIZED}.graph")
+    listed_path(folder, manifest, str(Path(graph).with_suffix(".bin")), f"weights of {graph}:")
+    if comp[QUANTIZED]["source_sha256"] != manifest["files"][comp["graph"]]["sha256"]:
+        raise ArtifactError(f"{graph} in {folder} was made from another {comp['graph']}; run `sdexport quantize "
+                            f"{folder} --component {name}` again")
 
 
 def check_no_strays(folder: Path, manifest: dict[str, Any]) -> None:
@@ -221,8 +237,9 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 def component_bytes(manifest: Mapping[str, Any], name: str) -> int:
     """Bytes of the files the manifest lists in component ``name``'s directory (its graphs and their weights)."""
-    prefix = name + "/"
-    return sum(int(entry["size"]) for path, entry in manifest["files"].items() if path.startswith(prefix))
+    prefix, quantized = name + "/", f"{name}/{QUANTIZED_DIR}/"
+    return sum(int(entry["size"]) for path, entry in manifest["files"].items()
+               if path.startswith(prefix) and not path.startswith(quantized))
 
 
 def opt_pixels(manifest: Mapping[str, Any]) -> int | None:
@@ -259,6 +276,10 @@ def describe(folder: Path, manifest: dict[str, Any]) -> str:
         )
         precision = comp.get("precision", "fp32")
         lines.append(f"  {name:<15} {precision}  {size / 2**20:9.1f} MiB  validated, max |diff| {worst:.2e}")
+        if QUANTIZED in comp:
+            ir = sum(int(e["size"]) for p, e in manifest["files"].items() if p.startswith(f"{name}/{QUANTIZED_DIR}/"))
+            lines.append(f"  {'':<15} {comp[QUANTIZED]['method']} IR {ir / 2**20:.1f} MiB (sdexport quantize, "
+                         f"{comp[QUANTIZED]['samples']} calls; --openvino-precision hybrid)")
     lines.append(f"  total      {total / 2**20:.1f} MiB of graphs")
     return "\n".join(lines)
 

@@ -50,6 +50,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "components": MapOf({
         "graph": str, "profile": _PROFILE, "precision?": str, "validation": _VALIDATION, "weight_map?": str,
         "attention_processors?": MapOf({"class": str, "export": str}),
+        "openvino_quantized?": {"graph": str, "method": str, "source_sha256": str, "samples": int},
     }),
     "tokenizers?": ListOf(str),
     "scheduler_config?": str,

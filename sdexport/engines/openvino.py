@@ -18,17 +18,22 @@ import numpy as np
 
 from sdexport.engines import openvino_precision as precision_probe
 from sdexport.engines.memory import PageOut, release_heap
+from sdexport.engines.openvino_quantize import KEY, quantized_graph
 from sdexport.engines.registry import Backend, BackendStatus, Option, register_backend
 from sdexport.specs import TensorSpec
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("f32", "bf16", "f16", "int8", "auto")
+PRECISIONS = ("f32", "bf16", "f16", "int8", "hybrid", "hybrid-bf16", "auto")
 """Values of the ``precision`` option. f32, bf16, f16: OpenVINO's INFERENCE_PRECISION_HINT. int8: weights compressed
-to int8 by nncf (``sdexport[int8]``), activations f32. auto: per component, the fastest precision this CPU offers
-whose outputs stay within 1% (relative RMS) of f32, measured once and cached (``openvino_precision``). f32 is the
-default on purpose: OpenVINO picks bf16 by itself on any CPU with avx512_bf16, which changes the numbers and,
-without AMX, is slower."""
+to int8 by nncf (``sdexport[int8]``), activations f32. hybrid: each component ``sdexport quantize`` made an int8 IR
+for (convolutions int8 in weights and activations, calibrated on the folder's own calls) runs that IR, the others
+f32; hybrid-bf16: the same with the bf16 hint for everything else. auto: per component, the fastest precision this
+CPU offers whose outputs stay within 1% (relative RMS) of f32, measured once and cached (``openvino_precision``).
+f32 is the default on purpose: OpenVINO picks bf16 by itself on any CPU with avx512_bf16, which changes the numbers
+and, without AMX, is slower."""
+HYBRID_HINT = {"hybrid": "f32", "hybrid-bf16": "bf16"}
+"""The inference precision hint of each hybrid precision (for the layers the IR keeps in floating point)."""
 HINTS = ("latency", "throughput")
 
 
@@ -44,7 +49,7 @@ def compile_config(precision: str = "f32", threads: int | None = None, streams: 
             raise ValueError(f"openvino option {name}={value!r} must be an integer >= 1")
     if precision == "auto":
         raise ValueError("openvino option precision='auto' is resolved per component before compiling")
-    hint_precision = "f32" if precision == "int8" else precision
+    hint_precision = "f32" if precision == "int8" else HYBRID_HINT.get(precision, precision)
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint_precision, "PERFORMANCE_HINT": hint.upper()}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
@@ -173,12 +178,26 @@ def compress_int8(model: Any) -> Any:
         nncf_log.setLevel(level)
 
 
+def _graph_at(component: Any, options: Mapping[str, Any], precision: str) -> Path:
+    """The graph to compile: the component's ONNX, or under a hybrid precision its quantised IR where it has one."""
+    if precision not in HYBRID_HINT or (KEY not in component.record and component.name != "unet"):
+        return Path(component.graph)  # a hybrid precision needs the UNet's IR; the other components may lack one
+    if options.get("initializer_overrides"):
+        raise ValueError(f"{component.name}: LoRAs cannot be swapped into a quantised graph; fuse them at build "
+                         "time (sdexport build --lora) and quantize again, or use precision f32 / bf16 / int8")
+    return quantized_graph(component.folder, component.name, component.record)
+
+
 def _open_at(component: Any, options: Mapping[str, Any], precision: str) -> OpenVinoEngine:
     config = compile_config(precision, options.get("threads"), options.get("streams"),
                             options.get("hint", "latency"), options.get("cache_dir"))
-    return OpenVinoEngine(component.name, component.graph, component.spec.inputs, component.spec.outputs, config,
-                          options.get("initializer_overrides"), int8_weights=precision == "int8",
-                          keep_memory=bool(options.get("keep_memory", False)))
+    graph = _graph_at(component, options, precision)
+    engine = OpenVinoEngine(component.name, graph, component.spec.inputs, component.spec.outputs, config,
+                            options.get("initializer_overrides"), int8_weights=precision == "int8",
+                            keep_memory=bool(options.get("keep_memory", False)))
+    quantized = precision in HYBRID_HINT and graph != Path(component.graph)
+    engine.precision = precision if quantized or precision not in HYBRID_HINT else HYBRID_HINT[precision]
+    return engine
 
 
 def auto_precision(component: Any, options: Mapping[str, Any]) -> precision_probe.Choice:
@@ -203,9 +222,7 @@ def open_component(component: Any, options: Mapping[str, Any]) -> OpenVinoEngine
         choice = auto_precision(component, options)
         log.info("%s: precision auto -> %s", component.name, choice.describe())
         precision = choice.precision
-    engine = _open_at(component, options, precision)
-    engine.precision = precision
-    return engine
+    return _open_at(component, options, precision)
 
 
 def probe(device: int = 0) -> BackendStatus:
@@ -230,6 +247,7 @@ BACKEND = register_backend(Backend(
     open=open_component,
     load_options=(
         Option("precision", "f32; bf16 / f16 (OpenVINO's inference precision hint); int8 (weights, needs nncf); "
+               "hybrid / hybrid-bf16 (the int8 IR `sdexport quantize` made, f32 / bf16 elsewhere); "
                "auto (per component, the fastest within 1%% of f32 on this CPU, measured once and cached)",
                default="f32", choices=PRECISIONS),
         Option("threads", "inference threads (default: OpenVINO's)", type=int),

@@ -6,6 +6,7 @@ and ``manifest.json`` is written last, under the folder's build lock.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Any
 
 from sdexport import __version__
 from sdexport.engines import artifacts
+from sdexport.engines import openvino_quantize as quantized
 from sdexport.errors import ArtifactError
 from sdexport.export.build_plan import PRECISIONS, BuildConfig, BuildPlan, plan_build, schedule, up_to_date_manifest
 from sdexport.export.controlnet import attach_controlnets
@@ -218,10 +220,15 @@ def _compile(plan: BuildPlan, manifest: dict[str, Any], say: Progress) -> None:
 
 
 def _finish(plan: BuildPlan, manifest: dict[str, Any], say: Progress) -> BuildResult:
-    """Verify every listed file, write the manifest last, drop what the model no longer has."""
+    """Verify every listed file, write the manifest last, drop what the model no longer has.
+
+    A quantised IR (``sdexport quantize``) stays when the graph it was made from is unchanged, else it goes."""
+    with contextlib.suppress(ArtifactError):
+        quantized.carry_over(artifacts.read_manifest(plan.folder), manifest)
     artifacts.verify_files(plan.folder, manifest["files"], hashes=False)
     artifacts.write_manifest(plan.folder, manifest)
     _remove_strays(plan.folder, manifest)
+    quantized.remove_stale(plan.folder, manifest)
     say(f"{plan.folder}: built {', '.join(plan.todo) or 'manifest'}; reused {', '.join(plan.reused)}")
     return BuildResult(plan.folder, manifest, plan.todo, plan.reused, plan.seconds)
 

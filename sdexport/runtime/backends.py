@@ -39,6 +39,8 @@ class ComponentFiles:
     not known."""
     pixels: int | None = None
     """Height x width of the image the folder is built around (``artifacts.opt_pixels``); None: not known."""
+    folder: Path | None = None
+    """The compiled folder the component belongs to (for files its record names, e.g. a quantised IR)."""
 
     @property
     def max_batch(self) -> int:
@@ -91,7 +93,7 @@ def component_files(folder: Path, manifest: Mapping[str, Any], spec: ComponentSp
         raise ArtifactError(f"{folder}: the manifest has no component {spec.name!r}; rebuild the folder")
     return ComponentFiles(spec.name, spec, artifacts.check_inside(folder, record["graph"]), record["profile"],
                           record.get("precision", "fp32"), record, artifacts.component_bytes(manifest, spec.name),
-                          artifacts.opt_pixels(manifest))
+                          artifacts.opt_pixels(manifest), Path(folder))
 
 
 def open_engine(component: ComponentFiles, backend: str, options: Mapping[str, Any]) -> Engine:
