@@ -14,7 +14,8 @@ from harness.systems import EAGER, SYSTEM_NAMES
 COLORS = {"sdexport": (31, 119, 180), "diffusers-eager": (150, 150, 150), "diffusers-compile": (255, 127, 14),
           "optimum-ort": (44, 160, 44), "optimum-openvino": (148, 103, 189),
           "sdexport-openvino": (23, 190, 207), "sdexport-openvino-bf16": (188, 189, 34),
-          "diffusers-eager-bf16": (227, 119, 194)}
+          "diffusers-eager-bf16": (227, 119, 194), "sdexport-openvino-hybrid": (140, 86, 75),
+          "sdexport-openvino-hybrid-bf16": (214, 39, 40)}
 WIDTH, LEFT, RIGHT, BAR, GAP, TOP = 1100, 330, 60, 14, 12, 70
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from harness.cases import Case, Suite
 from harness.models import Folders, folders_for, source_of
-from harness.systems import SYSTEM_NAMES
+from harness.systems import QUANTIZED_SYSTEMS, SYSTEM_NAMES
 
 
 def _systems(text: str) -> list[str]:
@@ -28,9 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="num_images_per_prompt values")
     parser.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                         help="pixel size (default: the folder's optimal size)")
-    parser.add_argument("--systems", type=_systems, default=list(SYSTEM_NAMES),
+    parser.add_argument("--systems", type=_systems, default=[s for s in SYSTEM_NAMES if s not in QUANTIZED_SYSTEMS],
                         help=f"comma-separated, from {','.join(SYSTEM_NAMES)} (peers that cannot run here are "
-                             "reported as skipped with the reason)")
+                             "reported as skipped with the reason; a hybrid system first runs `sdexport quantize` "
+                             "on FOLDER, which adds an int8 UNet to it)")
     parser.add_argument("--warmups", type=int, default=1, help="untimed runs before the measured ones")
     parser.add_argument("--repeats", type=int, default=5, help="measured runs per case")
     parser.add_argument("--out", type=Path, default=Path("sdexport-bench.jsonl"), help="JSON lines to append to")

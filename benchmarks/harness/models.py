@@ -66,6 +66,14 @@ def ensure_compiled(model: str, random_weights: bool, out: Path, height: tuple[i
     return out
 
 
+def ensure_quantized(folder: Path, timeout: float = 7200) -> Path:
+    """``sdexport quantize`` the compiled folder's UNet (default calibration) unless its manifest already lists one."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if "openvino_quantized" not in manifest["components"]["unet"]:
+        _run([sys.executable, "-m", "sdexport", "quantize", str(folder)], f"quantising {folder}", timeout)
+    return folder
+
+
 def ensure_diffusers(model: str, random_weights: bool, out: Path, timeout: float = 3600) -> Path:
     """Save the source of ``model`` (the same weights sdexport compiles) as a diffusers folder, once."""
     if not (out / "model_index.json").exists():

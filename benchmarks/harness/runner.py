@@ -29,6 +29,7 @@ from harness.worker import PREFIX
 log = logging.getLogger(__name__)
 
 NOMINAL_BACKEND = {OURS: "onnxruntime", "sdexport-openvino": "openvino", "sdexport-openvino-bf16": "openvino",
+                   "sdexport-openvino-hybrid": "openvino", "sdexport-openvino-hybrid-bf16": "openvino",
                    EAGER: "torch-eager", EAGER_BF16: "torch-eager", "diffusers-compile": "torch-inductor",
                    OPTIMUM: "onnxruntime (optimum)", OPTIMUM_OV: "openvino (optimum-intel)"}
 

@@ -13,7 +13,7 @@ from typing import Any
 from harness import records
 from harness.cases import Suite
 from harness.environment import environment
-from harness.models import Folders, cache_root, ensure_compiled, ensure_diffusers
+from harness.models import Folders, cache_root, ensure_compiled, ensure_diffusers, ensure_quantized
 from harness.optimum_env import (
     PEER_REMOVALS,
     PEER_REQUIREMENTS,
@@ -25,7 +25,15 @@ from harness.optimum_env import (
 from harness.report import machine
 from harness.runner import Context, run_suite
 from harness.sgemm import measure_ceiling
-from harness.systems import COMPILE, OPTIMUM, OURS_BACKENDS, SYSTEM_NAMES, TORCH_SYSTEMS, VENV_SYSTEMS
+from harness.systems import (
+    COMPILE,
+    OPTIMUM,
+    OURS_BACKENDS,
+    QUANTIZED_SYSTEMS,
+    SYSTEM_NAMES,
+    TORCH_SYSTEMS,
+    VENV_SYSTEMS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,9 @@ def check_systems(systems: Sequence[str]) -> dict[str, str]:
 def prepare(suite: Suite, folders: Folders, ctx: Context, venv_root: Path) -> None:
     """Build what the suite's systems need (once; cached); a peer whose preparation fails is marked unavailable."""
     ensure_compiled(suite.model, suite.random_weights, folders.compiled, suite.build_height, suite.build_width)
+    if any(s in QUANTIZED_SYSTEMS for s in ctx.systems):
+        ctx.progress(f"{suite.name}: sdexport quantize (once)")
+        ensure_quantized(folders.compiled)
     peers = [s for s in ctx.systems if s not in OURS_BACKENDS and s not in ctx.unavailable]
     if not peers:
         return

@@ -17,8 +17,13 @@ COMPILE = "diffusers-compile"
 OPTIMUM = "optimum-ort"
 OPTIMUM_OV = "optimum-openvino"
 OURS_BACKENDS = {OURS: ("onnxruntime", {}), "sdexport-openvino": ("openvino", {"precision": "f32"}),
-                 "sdexport-openvino-bf16": ("openvino", {"precision": "bf16"})}
-"""Our runtime as systems: name -> (backend, engine options). The default is ONNX Runtime at fp32."""
+                 "sdexport-openvino-bf16": ("openvino", {"precision": "bf16"}),
+                 "sdexport-openvino-hybrid": ("openvino", {"precision": "hybrid"}),
+                 "sdexport-openvino-hybrid-bf16": ("openvino", {"precision": "hybrid-bf16"})}
+"""Our runtime as systems: name -> (backend, engine options). The default is ONNX Runtime at fp32; the hybrid ones
+run the int8 UNet ``sdexport quantize`` makes in the compiled folder (once, before the suite)."""
+QUANTIZED_SYSTEMS = tuple(name for name, (_, options) in OURS_BACKENDS.items()
+                          if str(options.get("precision", "")).startswith("hybrid"))
 SYSTEM_NAMES = (*OURS_BACKENDS, EAGER, EAGER_BF16, COMPILE, OPTIMUM, OPTIMUM_OV)
 VENV_SYSTEMS = {OPTIMUM: "harness.systems.optimum", OPTIMUM_OV: "harness.systems.optimum_intel"}
 """Peers that run in a virtual environment of their own -> the module that exports their folder."""
