@@ -198,3 +198,9 @@ def test_the_command_quantises_and_reports_bad_flags(tiny_folder: Callable[[str]
     assert "unet quantised (int8-hybrid, 3 calls)" in capsys.readouterr().out
     pipe = Pipeline.load(folder, backend="openvino", engine_options={"precision": "hybrid"})
     assert pipe.engines["unet"].precision == "hybrid"
+
+
+def test_doctor_names_hybrid_where_nncf_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "hybrid (after sdexport quantize)" in ov_backend.probe().detail
+    monkeypatch.setattr(ov_backend.precision_probe, "nncf_available", lambda: False)
+    assert "hybrid" not in ov_backend.probe().detail

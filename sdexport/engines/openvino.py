@@ -6,8 +6,6 @@ Declares the "openvino" backend; ``openvino`` itself is imported when an engine 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import threading
 from collections.abc import Mapping
@@ -18,7 +16,7 @@ import numpy as np
 
 from sdexport.engines import openvino_precision as precision_probe
 from sdexport.engines.memory import PageOut, release_heap
-from sdexport.engines.openvino_quantize import KEY, quantized_graph
+from sdexport.engines.openvino_quantize import KEY, quantized_graph, quiet_nncf
 from sdexport.engines.registry import Backend, BackendStatus, Option, register_backend
 from sdexport.specs import TensorSpec
 
@@ -168,14 +166,8 @@ def compress_int8(model: Any) -> Any:
         import nncf
     except ImportError:
         raise ValueError("openvino option precision='int8' needs nncf: pip install 'sdexport[int8]'") from None
-    nncf_log = logging.getLogger("nncf")
-    level = nncf_log.level
-    nncf_log.setLevel(logging.WARNING)  # nncf reports its bit-width table at INFO and draws a bar on stdout
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    finally:
-        nncf_log.setLevel(level)
+    with quiet_nncf():
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
 
 
 def _graph_at(component: Any, options: Mapping[str, Any], precision: str) -> Path:
@@ -235,7 +227,9 @@ def probe(device: int = 0) -> BackendStatus:
     reduced = precision_probe.offered(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     chosen = precision_probe.read_cache().get(precision_probe.machine_key(ov.__version__), {})
     picks = sorted({entry.get("precision", "?") for entry in chosen.values() if isinstance(entry, dict)})
-    detail = (f"devices {', '.join(core.available_devices)}; precisions f32{''.join(', ' + p for p in reduced)}; "
+    hybrid = ", hybrid (after sdexport quantize)" if precision_probe.nncf_available() else ""
+    detail = (f"devices {', '.join(core.available_devices)}; precisions f32{''.join(', ' + p for p in reduced)}"
+              f"{hybrid}; "
               f"auto cache: {len(chosen)} component(s) measured here" + (f" ({', '.join(picks)})" if picks else ""))
     return BackendStatus(True, detail, ov.__version__)
 

@@ -131,7 +131,7 @@ def weighted_matmuls(model: Any) -> list[str]:
 
 
 @contextlib.contextmanager
-def _quiet_nncf() -> Iterator[None]:
+def quiet_nncf() -> Iterator[None]:
     """nncf reports its tables at INFO and draws progress bars on stdout; keep both out of the caller's output."""
     nncf_log = logging.getLogger("nncf")
     level = nncf_log.level
@@ -152,7 +152,7 @@ def hybrid_quantize(model: Any, samples: Sequence[Mapping[str, np.ndarray]]) -> 
     except ImportError:
         raise ValueError("sdexport quantize needs nncf: pip install 'sdexport[int8]'") from None
     linear = weighted_matmuls(model)
-    with _quiet_nncf():
+    with quiet_nncf():
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM,
                                       ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
         return nncf.quantize(model, nncf.Dataset(list(samples)), model_type=nncf.ModelType.TRANSFORMER,
