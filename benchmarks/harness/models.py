@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import child_environ
+from sdexport.engines.artifacts import QUANTIZED
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def ensure_compiled(model: str, random_weights: bool, out: Path, height: tuple[i
 def ensure_quantized(folder: Path, timeout: float = 7200) -> Path:
     """``sdexport quantize`` the compiled folder's UNet (default calibration) unless its manifest already lists one."""
     manifest = json.loads((folder / "manifest.json").read_text())
-    if "openvino_quantized" not in manifest["components"]["unet"]:
+    if QUANTIZED not in manifest["components"]["unet"]:
         _run([sys.executable, "-m", "sdexport", "quantize", str(folder)], f"quantising {folder}", timeout)
     return folder
 

@@ -237,9 +237,15 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 def component_bytes(manifest: Mapping[str, Any], name: str) -> int:
     """Bytes of the files the manifest lists in component ``name``'s directory (its graphs and their weights)."""
-    prefix, quantized = name + "/", f"{name}/{QUANTIZED_DIR}/"
-    return sum(int(entry["size"]) for path, entry in manifest["files"].items()
-               if path.startswith(prefix) and not path.startswith(quantized))
+    prefix = name + "/"
+    listed = sum(int(entry["size"]) for path, entry in manifest["files"].items() if path.startswith(prefix))
+    return listed - sum(int(entry["size"]) for entry in quantized_files(manifest, name).values())
+
+
+def quantized_files(manifest: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The manifest's file records under component ``name``'s quantised-IR folder (``QUANTIZED_DIR``)."""
+    prefix = f"{name}/{QUANTIZED_DIR}/"
+    return {path: entry for path, entry in manifest["files"].items() if path.startswith(prefix)}
 
 
 def opt_pixels(manifest: Mapping[str, Any]) -> int | None:
@@ -277,7 +283,7 @@ def describe(folder: Path, manifest: dict[str, Any]) -> str:
         precision = comp.get("precision", "fp32")
         lines.append(f"  {name:<15} {precision}  {size / 2**20:9.1f} MiB  validated, max |diff| {worst:.2e}")
         if QUANTIZED in comp:
-            ir = sum(int(e["size"]) for p, e in manifest["files"].items() if p.startswith(f"{name}/{QUANTIZED_DIR}/"))
+            ir = sum(int(entry["size"]) for entry in quantized_files(manifest, name).values())
             lines.append(f"  {'':<15} {comp[QUANTIZED]['method']} IR {ir / 2**20:.1f} MiB (sdexport quantize, "
                          f"{comp[QUANTIZED]['samples']} calls; --openvino-precision hybrid)")
     lines.append(f"  total      {total / 2**20:.1f} MiB of graphs")

@@ -187,8 +187,8 @@ def _open_at(component: Any, options: Mapping[str, Any], precision: str) -> Open
     engine = OpenVinoEngine(component.name, graph, component.spec.inputs, component.spec.outputs, config,
                             options.get("initializer_overrides"), int8_weights=precision == "int8",
                             keep_memory=bool(options.get("keep_memory", False)))
-    quantized = precision in HYBRID_HINT and graph != Path(component.graph)
-    engine.precision = precision if quantized or precision not in HYBRID_HINT else HYBRID_HINT[precision]
+    # a hybrid precision on a component without an IR ran its ONNX at that precision's hint: say so
+    engine.precision = HYBRID_HINT[precision] if precision in HYBRID_HINT and graph == component.graph else precision
     return engine
 
 

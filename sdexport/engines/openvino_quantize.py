@@ -102,7 +102,8 @@ def record_calls(folder: Path, config: QuantizeConfig) -> dict[str, list[dict[st
     from sdexport import Pipeline
 
     options = {"precision": "f32", **({"threads": config.threads} if config.threads else {})}
-    pipe = Pipeline.load(folder, backend="openvino", engine_options=options)
+    # verify=False: quantize_folder has just verified every hash under the folder's lock
+    pipe = Pipeline.load(folder, backend="openvino", engine_options=options, verify=False)
     recorders = {name: Recorder(pipe.engines[name]) for name in config.components}
     for name, recorder in recorders.items():
         pipe.replace_engine(name, recorder)
@@ -229,8 +230,7 @@ def carry_over(old: Mapping[str, Any] | None, new: dict[str, Any]) -> None:
         graph = new["files"].get(record["graph"], {})
         if not isinstance(entry, dict) or entry.get("source_sha256") != graph.get("sha256"):
             continue
-        prefix = f"{name}/{SUBDIR}/"
-        kept = {p: r for p, r in old.get("files", {}).items() if p.startswith(prefix)}
+        kept = artifacts.quantized_files(old, name)
         if kept and entry["graph"] in kept:
             record[KEY] = entry
             new["files"] = dict(sorted({**new["files"], **kept}.items()))
